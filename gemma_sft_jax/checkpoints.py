@@ -239,7 +239,8 @@ def gguf_model_config(file: str) -> model_lib.ModelConfig:
       'head_dim': head_dim, 'query_pre_attn_scalar': d // n_heads if big else head_dim,
       'sliding_window': int(get(f'{arch}.attention.sliding_window', 4096)),
       'sliding_window_pattern': pattern,
-      'rms_norm_eps': float(get(f'{arch}.attention.layer_norm_rms_epsilon', 1e-6)),
+      # GGUF stores floats as fp32; 6 significant digits undo that (9.99999997e-07 -> 1e-06).
+      'rms_norm_eps': float(f"{get(f'{arch}.attention.layer_norm_rms_epsilon', 1e-6):.6g}"),
       'rope_theta': float(get(f'{arch}.rope.freq_base', 10_000.0)),
       'attn_logit_softcapping': get(f'{arch}.attn_logit_softcapping'),
       'final_logit_softcapping': get(f'{arch}.final_logit_softcapping'),
