@@ -448,12 +448,20 @@ class Transformer(nn.Module):
   param_dtype: Any = jnp.float32
   lora: LoraSpec = LoraSpec()
   remat: str = 'none'  # 'none' | 'full' | 'dots'
+  # Optional sharding for [B, T, D] activations, applied at block boundaries so XLA keeps the
+  # batch split the way the mesh says (see sharding.activation_sharding).
+  activation_sharding: Any = None
+
+  def _constrain(self, x: Array) -> Array:
+    if self.activation_sharding is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, self.activation_sharding)
 
   def setup(self):
     c = self.config
     self.embedder = nn.Embed(c.vocab_size, c.embed_dim, dtype=self.dtype,
                              param_dtype=self.param_dtype,
-                             embedding_init=nn.initializers.normal(stddev=1.0),
+                             embedding_init=nn.initializers.normal(stddev=c.embed_dim ** -0.5),
                              name='embedder')
     block = Block
     if self.remat != 'none':
@@ -497,11 +505,12 @@ class Transformer(nn.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
     x = self.embedder(tokens)
-    x = x * jnp.asarray(math.sqrt(self.config.embed_dim), x.dtype)
+    x = self._constrain(x * jnp.asarray(math.sqrt(self.config.embed_dim), x.dtype))
     new_cache = {} if cache is not None else None
     for i, layer in enumerate(self.layers):
       layer_cache = cache[f'layer_{i}'] if cache is not None else None
       x, c = layer(x, positions, segment_ids, layer_cache, cache_index, deterministic)
+      x = self._constrain(x)
       if cache is not None:
         new_cache[f'layer_{i}'] = c
     x = self.final_norm(x)

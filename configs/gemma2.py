@@ -1,0 +1,38 @@
+"""Gemma 2 models (2B/9B/27B): full SFT or LoRA on GSM8K, as the transformers+peft recipe did.
+
+  python -m gemma_sft_jax.main --config=configs/gemma2.py:size=9b,method=lora --workdir=runs/g2_9b_lora
+  python -m gemma_sft_jax.main --config=configs/gemma2.py:size=9b,method=full \
+      --config.model.checkpoint=/data/gemma-2-9b --workdir=runs/g2_9b_full
+
+Hub ids need HF_TOKEN (Gemma is gated); a local HF directory works offline.
+Args: size=2b|9b|27b, method=full|lora.
+"""
+
+from gemma_sft_jax import config as config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, size='9b', method='lora')
+  if args.size not in ('2b', '9b', '27b'):
+    raise ValueError(f'configs/gemma2.py: size={args.size!r} is not one of 2b, 9b, 27b')
+  c = config_lib.base_config()
+  c.model.checkpoint = f'google/gemma-2-{args.size}'
+  c.model.variant = f'gemma2_{args.size}'
+  c.model.dtype = 'bfloat16'
+  # bf16 storage with stochastic rounding lets full SFT of 9B fit one 80 GB GPU.
+  c.model.param_dtype = 'bfloat16'
+  c.model.remat = 'full' if args.size != '2b' else 'dots'
+  c.tuning_method = args.method
+  c.train.batch_size = 16
+  c.train.seq_len = 512
+  c.train.steps = 1000
+  c.optim.warmup_steps = 50
+  c.optim.state_dtype = 'int8'
+  if args.method == 'full':
+    c.optim.lr, c.optim.min_lr = 1e-5, 1e-6
+  else:
+    c.lora.rank, c.lora.alpha = 16, 32.0
+    c.optim.lr, c.optim.min_lr = 2e-4, 2e-5
+  c.eval.batch_size = 64
+  c.lock()
+  return c

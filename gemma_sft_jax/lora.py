@@ -1,0 +1,86 @@
+"""LoRA: adapter leaves (`lora_a`, `lora_b`) beside the kernels they adapt, in the same tree.
+
+The model (model.Projection) creates the leaves for the projections a `LoraSpec` targets and adds
+(alpha / R)·(x·A)·B in the forward pass. This module splits a tree into the trainable part and
+the frozen rest (full SFT: everything is trainable; LoRA: only adapter leaves), joins them back,
+and folds adapters into the kernels for export or merged decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gemma_sft_jax import model as model_lib
+
+ADAPTER_LEAVES = ('lora_a', 'lora_b')
+
+
+def is_adapter_path(path: str) -> bool:
+  return path.rsplit('/', 1)[-1] in ADAPTER_LEAVES
+
+
+def _split(tree: dict[str, Any], keep) -> dict[str, Any]:
+  """The sub-tree of leaves whose key satisfies keep(key); empty dicts are dropped."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      sub = _split(v, keep)
+      if sub:
+        out[k] = sub
+    elif keep(k):
+      out[k] = v
+  return out
+
+
+def split(params: dict[str, Any], method: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(trainable, frozen) for tuning method 'full' | 'lora'."""
+  if method == 'full':
+    return params, {}
+  if method != 'lora':
+    raise ValueError(f"tuning_method: {method!r} is not 'full' or 'lora'")
+  trainable = _split(params, lambda k: k in ADAPTER_LEAVES)
+  if not trainable:
+    raise ValueError('lora.targets: the regex matched no projection, so there is nothing to train')
+  return trainable, _split(params, lambda k: k not in ADAPTER_LEAVES)
+
+
+def join(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+  """Merges two disjoint trees (the inverse of `split`)."""
+  out = dict(a)
+  for k, v in b.items():
+    if k in out:
+      if not (isinstance(out[k], dict) and isinstance(v, dict)):
+        raise ValueError(f'lora.join: leaf {k!r} is in both trees')
+      out[k] = join(out[k], v)
+    else:
+      out[k] = v
+  return out
+
+
+def spec_from_config(*, rank: int, alpha: float, dropout: float, targets: str) -> model_lib.LoraSpec:
+  return model_lib.LoraSpec(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
+
+
+def merge_weights(params: dict[str, Any], spec: model_lib.LoraSpec) -> dict[str, Any]:
+  """Folds every adapter into its kernel, W + (alpha/R)·A·B, and drops the adapter leaves.
+
+  Used for export and merged decoding; training never forms W + AB.
+  """
+  def fold(node):
+    if not isinstance(node, dict):
+      return node
+    if 'lora_a' in node:
+      kernel, a, b = node['kernel'], node['lora_a'], node['lora_b']
+      delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+      merged = kernel.astype(jnp.float32) + (spec.alpha / spec.rank) * delta
+      return {**{k: v for k, v in node.items() if k not in ADAPTER_LEAVES},
+              'kernel': merged.astype(kernel.dtype)}
+    return {k: fold(v) for k, v in node.items()}
+  return fold(params)
+
+
+def count(tree: Any) -> int:
+  return sum(x.size for x in jax.tree.leaves(tree))
