@@ -54,7 +54,7 @@ def _gguf_tokenizer(path: str) -> Any:
   return tok
 
 
-def load_tokenizer(name: str) -> Any:
+def load_tokenizer(name: str | os.PathLike) -> Any:
   """Loads a tokenizer.
 
   Args:
@@ -63,6 +63,7 @@ def load_tokenizer(name: str) -> Any:
   Returns:
     An object with the surface described in the module docstring.
   """
+  name = os.fspath(name)
   if name == 'byte':
     return ByteTokenizer()
   if name.endswith('.gguf'):
