@@ -1,0 +1,87 @@
+r"""Decode entry point: completions for your own prompts, from the base model or with trained weights.
+
+  python -m gemma_sft_jax.decode --config=configs/gemma3.py:size=270m \
+      --prompts=in.jsonl --output=out.jsonl --adapter=runs/g3_lora/final
+  python -m gemma_sft_jax.decode --config=configs/tiny.py --prompt='Question: 2+2?\nAnswer:'
+
+Rows in: {"prompt": str}; rows out: {"prompt": str, "completion": str}. Greedy when
+decode.temperature is 0; otherwise temperature / decode.top_k / decode.top_p sampling.
+--adapter is a run's final/ directory: LoRA adapters (added to the base) or full SFT weights.
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from gemma_sft_jax import data as data_lib
+from gemma_sft_jax import runner
+from gemma_sft_jax import sampler
+from gemma_sft_jax import sharding
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=True)
+_PROMPTS = flags.DEFINE_string('prompts', None, 'JSONL file with one {"prompt": ...} per line.')
+_PROMPT = flags.DEFINE_string('prompt', None, 'A single prompt; its completion goes to stdout.')
+_OUTPUT = flags.DEFINE_string('output', None, 'JSONL file for {"prompt", "completion"} rows.')
+_ADAPTER = flags.DEFINE_string('adapter', None, "A run's final/ directory (LoRA or full SFT).")
+_BATCH = flags.DEFINE_integer('batch_size', 32, 'Prompts per decode batch.')
+flags.mark_flag_as_required('config')
+
+
+def _read_prompts(path):
+  prompts = []
+  with open(path) as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
+      if not isinstance(row, dict) or not isinstance(row.get('prompt'), str):
+        raise ValueError(f'{path}:{line_no}: expected {{"prompt": str}}')
+      prompts.append(row['prompt'])
+  return prompts
+
+
+def _decode(config):
+  if (_PROMPTS.value is None) == (_PROMPT.value is None):
+    raise ValueError('give exactly one of --prompts=IN.jsonl or --prompt=TEXT')
+  if _PROMPTS.value and not _OUTPUT.value:
+    raise ValueError('--prompts needs --output=OUT.jsonl')
+  prompts = ([_PROMPT.value.replace('\\n', '\n')] if _PROMPT.value else
+             _read_prompts(_PROMPTS.value))
+  mesh = sharding.make_mesh(**config.mesh)
+  setup, params = (runner.load_trained(config, _ADAPTER.value, mesh=mesh) if _ADAPTER.value else
+                   runner.base_params(config, mesh=mesh))
+  tok = setup.tokenizer
+  d = config.decode
+  sampling = sampler.SamplingParams(max_new_tokens=d.max_new_tokens, temperature=d.temperature,
+                                    top_k=d.top_k, top_p=d.top_p)
+  completions = []
+  for start in range(0, len(prompts), _BATCH.value):
+    chunk = prompts[start:start + _BATCH.value]
+    ids = [data_lib.tokenize_prompt(p, tokenizer=tok) for p in chunk]
+    out = sampler.generate(setup.model, params, ids, sampling=sampling, eos_id=tok.eos_token_id,
+                           pad_id=tok.pad_token_id or 0, seed=config.train.seed + start)
+    completions += [tok.decode(o, skip_special_tokens=True) for o in out]
+  if _PROMPT.value:
+    print(completions[0])
+    return
+  with open(_OUTPUT.value, 'w') as f:
+    for p, c in zip(prompts, completions):
+      f.write(json.dumps({'prompt': p, 'completion': c}) + '\n')
+  print(f'{len(prompts)} completions -> {_OUTPUT.value}', file=sys.stderr)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  runner.setup_jax()
+  runner.exit_on_bad_input(_decode, _CONFIG.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

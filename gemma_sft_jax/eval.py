@@ -1,0 +1,56 @@
+r"""Eval entry point: GSM8K accuracy of a run's trained weights, or of the base model.
+
+  python -m gemma_sft_jax.eval --config=configs/tiny.py --workdir=runs/tiny
+  python -m gemma_sft_jax.eval --config=configs/gemma3.py:size=270m --workdir=runs/base --base \
+      --config.eval.prompt_strategy=few_shot --config.eval.num_shots=8
+
+Without --base it evaluates WORKDIR/final (written at the end of training); with --base, or when
+WORKDIR has no trained weights, the checkpoint named by model.checkpoint. Results go to
+WORKDIR/eval_<model>_<prompts>.json and predictions beside it.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from gemma_sft_jax import evaluate
+from gemma_sft_jax import runner
+from gemma_sft_jax import sharding
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (its final/ weights are evaluated).')
+_BASE = flags.DEFINE_bool('base', False, 'Evaluate the base checkpoint, not the trained weights.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _evaluate(config, workdir, use_base):
+  mesh = sharding.make_mesh(**config.mesh)
+  final = os.path.join(workdir, 'final')
+  if not use_base and not os.path.isdir(final):
+    logging.warning('%s has no trained weights: evaluating the base model', workdir)
+    use_base = True
+  setup, params = (runner.base_params(config, mesh=mesh) if use_base else
+                   runner.load_trained(config, final, mesh=mesh))
+  label = 'base' if use_base else 'sft'
+  result = runner.run_gsm8k_eval(config, setup, params, out_dir=workdir, label=label, mesh=mesh)
+  path = os.path.join(workdir, f'eval_{label}_{runner.prompt_spec(config).name}.json')
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=2)
+  print(evaluate.format_table({label: result}))
+  print(f'results: {path}\npredictions: {result["predictions"]}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  runner.setup_jax()
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  runner.exit_on_bad_input(_evaluate, _CONFIG.value, _WORKDIR.value, _BASE.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

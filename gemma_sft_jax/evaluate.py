@@ -1,0 +1,139 @@
+"""GSM8K evaluation: the same prompts for the base and the fine-tuned model, strict and flexible accuracy.
+
+Prompts come from `gsm8k.build_prompt` (zero_shot | one_shot | few_shot) and are tokenised with
+`data.tokenize_prompt`, exactly as training tokenises its prompts. Completions are decoded greedily
+by `sampler.generate` (prompts sorted by length so each batch pads little), cut at the first stop
+string (`gsm8k.truncate_completion`), and scored: strict = the number after '####', flexible = the
+last number. Every prediction goes to a JSONL file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Iterator, Sequence
+
+import jax
+from tqdm import auto as tqdm
+
+from gemma_sft_jax import data as data_lib
+from gemma_sft_jax import gsm8k
+from gemma_sft_jax import model as model_lib
+from gemma_sft_jax import sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+  """How evaluation prompts are built; one spec gives identical prompts to base and SFT models."""
+  strategy: str = 'zero_shot'
+  num_shots: int = 8
+  seed: int = 0
+  one_shot_example: str = ''  # 'question|||answer' or '' for the first train example
+  template: str = gsm8k.DEFAULT_PROMPT_TEMPLATE
+  strip_calculator: bool = True
+
+  @property
+  def name(self) -> str:
+    return {'zero_shot': '0shot', 'one_shot': '1shot'}.get(self.strategy,
+                                                          f'{self.num_shots}shot')
+
+  def build(self, question: str, pool: Sequence[gsm8k.Example]) -> str:
+    example = gsm8k.parse_example(self.one_shot_example) if self.one_shot_example else None
+    return gsm8k.build_prompt(question, strategy=self.strategy, pool=pool,
+                              num_shots=self.num_shots, seed=self.seed,
+                              one_shot_example=example, template=self.template,
+                              strip_calculator=self.strip_calculator)
+
+
+def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
+  for start in range(0, len(order), batch_size):
+    yield order[start:start + batch_size]
+
+
+def stop_sequences(tokenizer: Any) -> tuple[tuple[int, ...], ...]:
+  """Token sequences that end decoding early (text-level truncation stays authoritative)."""
+  seqs = {tuple(tokenizer.encode(s, add_special_tokens=False)) for s in gsm8k.STOP_STRINGS}
+  return tuple(sorted(s for s in seqs if s))
+
+
+def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
+                   questions: Sequence[gsm8k.Example], pool: Sequence[gsm8k.Example],
+                   prompts: PromptSpec, batch_size: int, max_new_tokens: int,
+                   predictions_path: str | None = None,
+                   batch_sharding: jax.sharding.Sharding | None = None,
+                   label: str = 'eval', progress: bool = True) -> dict[str, Any]:
+  """Greedy-decodes every question and scores it.
+
+  Args:
+    model: the Transformer; `params` must match it (adapters included for LoRA).
+    params: the parameters.
+    tokenizer: the checkpoint's tokenizer.
+    questions: the test examples.
+    pool: exemplar pool for one/few-shot prompts (the train split).
+    prompts: the prompt spec.
+    batch_size: prompts per decode batch (the last batch is padded to it, so shapes repeat).
+    max_new_tokens: decode budget per question.
+    predictions_path: where to write one JSON line per question (None: don't).
+    batch_sharding: sharding of the [B, L] prompt batch (e.g. over the mesh's data axes).
+    label: a name for progress output.
+    progress: show a progress bar.
+
+  Returns:
+    {'strategy', 'num_shots', 'n', 'strict_correct', 'flexible_correct', 'strict_accuracy',
+     'flexible_accuracy', 'seconds', 'prompt_tokens_mean'}.
+  """
+  t0 = time.time()
+  texts = [prompts.build(q.question, pool) for q in questions]
+  ids = [data_lib.tokenize_prompt(t, tokenizer=tokenizer) for t in texts]
+  order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+  sampling = sampler.SamplingParams(max_new_tokens=max_new_tokens,
+                                    stop_sequences=stop_sequences(tokenizer))
+  completions: list[str] = [''] * len(ids)
+  bar = tqdm.tqdm(total=len(ids), desc=label, disable=not progress or jax.process_index() != 0)
+  for chunk in _batches(order, batch_size):
+    batch = [ids[i] for i in chunk]
+    batch += [batch[-1]] * (batch_size - len(batch))  # Same shapes every batch: one compile.
+    out = sampler.generate(model, params, batch, sampling=sampling,
+                           eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0,
+                           batch_sharding=batch_sharding)
+    for i, tokens in zip(chunk, out):
+      completions[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+    bar.update(len(chunk))
+  bar.close()
+
+  strict = flexible = 0
+  rows = []
+  for q, text, completion in zip(questions, texts, completions):
+    answer = gsm8k.truncate_completion(completion)
+    s, f = gsm8k.extract_strict(answer), gsm8k.extract_flexible(answer)
+    ok_s, ok_f = gsm8k.is_correct(s, q.gold), gsm8k.is_correct(f, q.gold)
+    strict += ok_s
+    flexible += ok_f
+    rows.append({'question': q.question, 'prompt': text, 'completion': completion,
+                 'extracted_strict': s, 'extracted_flexible': f, 'gold': q.gold,
+                 'correct_strict': ok_s, 'correct_flexible': ok_f})
+  if predictions_path and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(predictions_path) or '.', exist_ok=True)
+    with open(predictions_path, 'w') as f:
+      for row in rows:
+        f.write(json.dumps(row) + '\n')
+  n = len(questions)
+  return {'strategy': prompts.strategy, 'num_shots': prompts.num_shots if
+          prompts.strategy == 'few_shot' else int(prompts.strategy == 'one_shot'),
+          'n': n, 'strict_correct': strict, 'flexible_correct': flexible,
+          'strict_accuracy': strict / max(n, 1), 'flexible_accuracy': flexible / max(n, 1),
+          'seconds': time.time() - t0, 'prompt_tokens_mean': sum(map(len, ids)) / max(n, 1)}
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+  """A readable table of {'base': r, 'sft': r, ...} results."""
+  lines = [f'{"model":<10} {"prompts":<8} {"n":>5} {"strict":>8} {"flexible":>9} {"seconds":>8}']
+  for name, r in results.items():
+    if not isinstance(r, dict) or 'n' not in r:
+      continue
+    shots = {'zero_shot': '0-shot', 'one_shot': '1-shot'}.get(r['strategy'], f"{r['num_shots']}-shot")
+    lines.append(f'{name:<10} {shots:<8} {r["n"]:>5} {100 * r["strict_accuracy"]:>7.2f}% '
+                 f'{100 * r["flexible_accuracy"]:>8.2f}% {r["seconds"]:>8.1f}')
+  return '\n'.join(lines)

@@ -1,0 +1,30 @@
+r"""Train entry point: base eval -> SFT -> SFT eval -> results.json.
+
+  python -m gemma_sft_jax.main --config=configs/tiny.py --workdir=runs/tiny
+  python -m gemma_sft_jax.main --config=configs/gemma3.py:size=270m,method=lora \
+      --workdir=runs/g3_lora --config.train.steps=500 --config.eval.limit=200
+
+Re-running the same command resumes from the latest checkpoint in --workdir.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from gemma_sft_jax import runner
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file (configs/*.py[:args]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  runner.setup_jax()
+  runner.exit_on_bad_input(runner.train_and_evaluate, _CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,163 @@
+"""What the entry points (main, eval, decode) share: JAX start-up, error exits, run phases.
+
+The entry points stay thin; the phases here read the run config and call the library with
+explicit arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import ml_collections
+
+from gemma_sft_jax import checkpointing
+from gemma_sft_jax import evaluate
+from gemma_sft_jax import gsm8k
+from gemma_sft_jax import lora
+from gemma_sft_jax import sharding
+from gemma_sft_jax import train as train_lib
+
+# Errors that mean "the input is wrong": reported in one line, exit status 2.
+BAD_INPUT = (ValueError, FileNotFoundError, KeyError, train_lib.TrainingError)
+
+
+def setup_jax() -> None:
+  """Multi-host initialisation when the environment describes several processes.
+
+  `jax.distributed.initialize()` finds the coordinator itself on TPU pods, under SLURM, and with
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set (see launch/).
+  """
+  env = os.environ
+  if (env.get('JAX_COORDINATOR_ADDRESS') or env.get('SLURM_NTASKS', '1') != '1'
+      or env.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0):
+    jax.distributed.initialize()
+  cache = env.get('JAX_COMPILATION_CACHE_DIR')
+  if cache:
+    jax.config.update('jax_compilation_cache_dir', cache)
+
+
+def exit_on_bad_input(fn: Callable[..., Any], *args, **kwargs) -> Any:
+  """Runs fn; bad input becomes one line on stderr and exit status 2 (no traceback)."""
+  try:
+    return fn(*args, **kwargs)
+  except BAD_INPUT as e:
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  if jax.process_index() != 0:
+    return
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def prompt_spec(config: ml_collections.ConfigDict, strategy: str | None = None) -> evaluate.PromptSpec:
+  return evaluate.PromptSpec(strategy=strategy or config.eval.prompt_strategy,
+                             num_shots=config.eval.num_shots, seed=config.train.seed,
+                             one_shot_example=config.eval.one_shot_example,
+                             template=config.data.prompt_template,
+                             strip_calculator=config.data.strip_calculator)
+
+
+def run_gsm8k_eval(config: ml_collections.ConfigDict, setup: train_lib.Setup, params: Any, *,
+                   out_dir: str, label: str, mesh: jax.sharding.Mesh,
+                   strategy: str | None = None) -> dict[str, Any]:
+  """Evaluates params on the configured test split; writes predictions under out_dir."""
+  d = config.data
+  questions = gsm8k.load_split(d.source, d.subset, d.test_split, skip_bad_rows=d.skip_bad_rows)
+  if config.eval.limit:
+    questions = questions[:config.eval.limit]
+  spec = prompt_spec(config, strategy)
+  pool = []
+  if spec.strategy != 'zero_shot' and not (spec.strategy == 'one_shot' and spec.one_shot_example):
+    pool = gsm8k.load_split(d.source, d.subset, d.train_split, skip_bad_rows=d.skip_bad_rows)
+  path = os.path.join(out_dir, f'predictions_{label}_{spec.name}.jsonl')
+  logging.info('evaluating %s: %d questions, %s', label, len(questions), spec.strategy)
+  result = evaluate.evaluate_gsm8k(
+      model=setup.model, params=params, tokenizer=setup.tokenizer, questions=questions, pool=pool,
+      prompts=spec, batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
+      predictions_path=path, batch_sharding=sharding.batch_sharding(mesh), label=label)
+  result['predictions'] = path
+  return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """main: base eval (unless disabled) -> training -> SFT eval -> results.json."""
+  os.makedirs(workdir, exist_ok=True)
+  results_path = os.path.join(workdir, 'results.json')
+  results: dict[str, Any] = {}
+  if os.path.exists(results_path):  # A resumed run keeps its base-model numbers.
+    with open(results_path) as f:
+      results = json.load(f)
+  mesh = sharding.make_mesh(**config.mesh)
+
+  def on_ready(setup, params):
+    if config.eval.run_base and 'base' not in results:
+      # The base model: adapters (if any) are still zero, so this is exactly the checkpoint.
+      results['base'] = run_gsm8k_eval(config, setup, params, out_dir=workdir, label='base',
+                                       mesh=mesh)
+      _write_json(results_path, results)
+      print(evaluate.format_table({'base': results['base']}), flush=True)
+
+  summary = train_lib.train(config, workdir, on_ready=on_ready)
+  if summary.get('preempted'):
+    return results
+  results['train'] = {k: summary[k] for k in ('step', 'final_loss', 'trainable_params',
+                                              'total_params', 'first_step_seconds')}
+  results['train']['tuning_method'] = config.tuning_method
+  if config.eval.run_sft:
+    params = lora.join(summary['frozen'], summary['state']['params'])
+    results['sft'] = run_gsm8k_eval(config, summary['setup'], params, out_dir=workdir,
+                                    label='sft', mesh=mesh)
+  _write_json(results_path, results)
+  if jax.process_index() == 0:
+    print(evaluate.format_table({k: results.get(k) for k in ('base', 'sft')}))
+    print(f'metrics: {os.path.join(workdir, "metrics.jsonl")}\nresults: {results_path}\n'
+          f'final weights: {summary["final_dir"]}\ncheckpoints: {os.path.join(workdir, "checkpoints")}',
+          flush=True)
+  return results
+
+
+def load_trained(config: ml_collections.ConfigDict, adapter_dir: str, *,
+                 mesh: jax.sharding.Mesh) -> tuple[train_lib.Setup, Any]:
+  """The base model plus the trained weights saved in `adapter_dir` (a run's final/ directory).
+
+  The tuning method and LoRA shape come from the `final.json` written beside it; full-SFT
+  weights replace the base, LoRA adapters are added to it.
+  """
+  meta_path = os.path.join(os.path.dirname(os.path.normpath(adapter_dir)), 'final.json')
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f'{meta_path}: not found (expected beside the trained weights '
+                            f'{adapter_dir})')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
+  method = meta['tuning_method']
+  if method == 'lora':
+    for k, v in meta['lora'].items():
+      config.lora[k] = v
+  setup = train_lib.model_setup(config, with_lora=method == 'lora', mesh=mesh)
+  params = train_lib.init_params(setup, mesh=mesh, seed=0)
+  trainable, frozen = lora.split(params, method)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          trainable)
+  trained = checkpointing.load_params(adapter_dir, abstract)
+  return setup, lora.join(frozen, trained)
+
+
+def base_params(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh
+                ) -> tuple[train_lib.Setup, Any]:
+  setup = train_lib.model_setup(config, with_lora=False, mesh=mesh)
+  if not setup.checkpoint:
+    logging.warning('model.checkpoint is empty: the base model is a random init (seed %d)',
+                    config.train.seed)
+  return setup, train_lib.init_params(setup, mesh=mesh, seed=config.train.seed)

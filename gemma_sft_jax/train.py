@@ -1,0 +1,341 @@
+"""Training: one readable top-to-bottom `train` function, plus the jitted train step.
+
+Full SFT and LoRA share this one path; they differ only in which part of the parameter tree is
+trainable (`lora.split`). The train state is a dict {'step', 'params' (trainable), 'opt_state',
+'rng'}; frozen parameters (the LoRA base) live beside it and are never donated or checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gemma_sft_jax import checkpointing
+from gemma_sft_jax import checkpoints
+from gemma_sft_jax import data as data_lib
+from gemma_sft_jax import gsm8k
+from gemma_sft_jax import lora
+from gemma_sft_jax import loss as loss_lib
+from gemma_sft_jax import metrics as metrics_lib
+from gemma_sft_jax import model as model_lib
+from gemma_sft_jax import optimizer as optimizer_lib
+from gemma_sft_jax import sharding
+from gemma_sft_jax import tokenizer as tokenizer_lib
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+def dtype_of(name: str, key: str) -> Any:
+  if name not in _DTYPES:
+    raise ValueError(f"{key}: {name!r} is not 'float32' or 'bfloat16'")
+  return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What eval/decode need from a run's config: the model, its tokenizer, where weights come from."""
+  model: model_lib.Transformer
+  config: model_lib.ModelConfig
+  tokenizer: Any
+  checkpoint: str  # '' = random init
+
+
+def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
+                mesh: jax.sharding.Mesh | None = None) -> Setup:
+  """The Transformer a run config describes (LoRA leaves only when `with_lora`)."""
+  c = config.model
+  if c.checkpoint:
+    model_config = checkpoints.load_config(c.checkpoint)
+  else:
+    if c.variant not in model_lib.VARIANTS:
+      raise ValueError(f'model.variant: {c.variant!r} is not one of {", ".join(model_lib.VARIANTS)}')
+    model_config = model_lib.VARIANTS[c.variant]
+  tokenizer_name = c.tokenizer or (checkpoints.tokenizer_name(c.checkpoint) if c.checkpoint else '')
+  if not tokenizer_name:
+    raise ValueError('model.tokenizer: a random-init model needs one (e.g. byte)')
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_name)
+  if len(tokenizer) > model_config.vocab_size:
+    raise ValueError(f'model.tokenizer: {len(tokenizer)} tokens but the model has '
+                     f'{model_config.vocab_size}')
+  spec = model_lib.LoraSpec()
+  if with_lora:
+    spec = lora.spec_from_config(rank=config.lora.rank, alpha=config.lora.alpha,
+                                 dropout=config.lora.dropout, targets=config.lora.targets)
+  model = model_lib.Transformer(
+      model_config, dtype=dtype_of(c.dtype, 'model.dtype'),
+      param_dtype=dtype_of(c.param_dtype, 'model.param_dtype'), lora=spec, remat=c.remat,
+      activation_sharding=sharding.activation_sharding(mesh) if mesh is not None else None)
+  return Setup(model, model_config, tokenizer, c.checkpoint)
+
+
+def init_params(setup: Setup, *, mesh: jax.sharding.Mesh, seed: int) -> Any:
+  """The model's parameters, sharded: checkpoint weights (or random init) plus fresh adapters.
+
+  Shapes come from `jax.eval_shape`; random leaves are made by a jitted init whose out_shardings
+  put each leaf straight onto its devices; checkpoint leaves are streamed onto theirs.
+  """
+  shapes = model_lib.param_shapes(setup.model)
+  shardings = sharding.param_shardings(shapes, mesh)
+  dummy = jnp.zeros((1, 1), jnp.int32)
+
+  def init(rng, keep):
+    params = setup.model.init(rng, dummy)['params']
+    return lora._split(params, keep)  # pylint: disable=protected-access
+
+  if not setup.checkpoint:
+    return jax.jit(lambda r: setup.model.init(r, dummy)['params'], out_shardings=shardings)(
+        jax.random.key(seed))
+  base_shapes, _ = lora.split(shapes, 'full'), None
+  base = checkpoints.load_params(setup.checkpoint, config=setup.config, shapes=base_shapes[0],
+                                 shardings=shardings)
+  if not setup.model.lora.rank:
+    return base
+  adapter_shardings, _ = lora.split(shardings, 'lora')
+  # Only the adapters are returned, so XLA drops the (discarded) random base init entirely.
+  adapters = jax.jit(lambda r: init(r, lambda k: k in lora.ADAPTER_LEAVES),
+                     out_shardings=adapter_shardings)(jax.random.key(seed))
+  return lora.join(base, adapters)
+
+
+def matmul_params(config: model_lib.ModelConfig) -> int:
+  """N for 6·N FLOPs/token: every projection plus the (tied) output head."""
+  c = config
+  per_layer = (c.embed_dim * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+               + c.num_heads * c.head_dim * c.embed_dim + 3 * c.embed_dim * c.hidden_dim)
+  return c.num_layers * per_layer + c.vocab_size * c.embed_dim
+
+
+def make_train_step(*, model: model_lib.Transformer, tx: Any, grad_accum: int,
+                    param_dtype: Any, stochastic_rounding: bool,
+                    logits_dtype: Any = jnp.float32) -> Callable[..., Any]:
+  """The update: microbatched forward/backward, global-token normalisation, optimizer step.
+
+  Returns train_step(state, frozen, batch) -> (state, metrics). Gradients are summed over
+  microbatches and divided once by the global number of supervised tokens, so the result does
+  not depend on `grad_accum`, packing or the number of processes.
+  """
+  softcap = model.config.final_logit_softcap
+
+  def loss_sums(trainable, frozen, micro, rng):
+    params = lora.join(frozen, trainable)
+    hidden, _ = model.apply({'params': params}, micro['inputs'], micro['positions'],
+                            micro['segment_ids'], deterministic=False, return_hidden=True,
+                            rngs={'dropout': rng})
+    return loss_lib.chunked_cross_entropy(
+        hidden, params['embedder']['embedding'], micro['targets'], micro['weights'],
+        softcap=softcap, logits_dtype=logits_dtype)
+
+  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+  def train_step(state, frozen, batch):
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state['rng']))
+    total_weight = jnp.maximum(batch['weights'].sum(), 1.0)
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+    def body(carry, xs):
+      grads, loss_sum = carry
+      mb, i = xs
+      (l, _), g = grad_fn(state['params'], frozen, mb, jax.random.fold_in(step_rng, i))
+      return (jax.tree.map(jnp.add, grads, g), loss_sum + l), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state['params'])
+    (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
+                                        (micro, jnp.arange(grad_accum)))
+    grads = jax.tree.map(lambda g: g / total_weight, grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    if stochastic_rounding and param_dtype == jnp.bfloat16:
+      params = optimizer_lib.apply_updates_stochastic(state['params'], updates,
+                                                      jax.random.fold_in(step_rng, 1 << 20))
+    else:
+      params = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype),
+                            state['params'], updates)
+    new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
+                 'rng': jax.random.key_data(rng)}
+    metrics = {'loss': loss_sum / total_weight, 'grad_norm': optimizer_lib.global_norm(grads),
+               'supervised_tokens': batch['weights'].sum()}
+    return new_state, metrics
+
+  return train_step
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          on_ready: Callable[[Setup, Any], None] | None = None) -> dict[str, Any]:
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  Args:
+    config: the run config (gemma_sft_jax.config).
+    workdir: where checkpoints/, metrics.jsonl and final/ go.
+    on_ready: called once with (setup, params) after the model is loaded and before training,
+      e.g. to evaluate the base model; skipped when resuming past step 0.
+
+  Returns:
+    A summary dict: steps, final loss, where the final weights went, timing.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  method = config.tuning_method
+
+  # ---- Mesh. ------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(**config.mesh)
+  logging.info('mesh %s over %d devices (%s)', dict(mesh.shape), mesh.size,
+               jax.devices()[0].device_kind)
+
+  # ---- Model and tokenizer. -----------------------------------------------------------------
+  setup = model_setup(config, with_lora=method == 'lora', mesh=mesh)
+  param_dtype = dtype_of(config.model.param_dtype, 'model.param_dtype')
+
+  # ---- Data. ------------------------------------------------------------------------------
+  examples = gsm8k.load_split(config.data.source, config.data.subset, config.data.train_split,
+                              skip_bad_rows=config.data.skip_bad_rows)
+  if config.data.limit:
+    examples = examples[:config.data.limit]
+  batches = data_lib.make_train_iterator(
+      examples, tokenizer=setup.tokenizer, seq_len=config.train.seq_len,
+      global_batch_size=config.train.batch_size, seed=config.train.seed,
+      packing=config.data.packing, template=config.data.prompt_template,
+      strip_calculator=config.data.strip_calculator, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  if config.train.batch_size % (mesh.shape['data'] * mesh.shape['fsdp']):
+    raise ValueError(f'train.batch_size={config.train.batch_size} is not divisible by the '
+                     f"data-parallel mesh size {mesh.shape['data'] * mesh.shape['fsdp']}")
+  if config.train.batch_size % config.optim.grad_accum:
+    raise ValueError(f'optim.grad_accum={config.optim.grad_accum} does not divide '
+                     f'train.batch_size={config.train.batch_size}')
+
+  # ---- Parameters: shapes -> shardings -> init/load. ------------------------------------------
+  params = init_params(setup, mesh=mesh, seed=config.train.seed)
+  trainable, frozen = lora.split(params, method)
+  del params
+  n_trainable = lora.count(trainable)
+  n_total = n_trainable + lora.count(frozen)
+  logging.info('parameters: %s trainable of %s (%s)', f'{n_trainable:,}', f'{n_total:,}', method)
+
+  # ---- Optimizer. -------------------------------------------------------------------------
+  o = config.optim
+  tx, schedule = optimizer_lib.make_optimizer(
+      lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps,
+      decay_steps=o.decay_steps or config.train.steps, weight_decay=o.weight_decay,
+      clip_norm=o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps, state_dtype=o.state_dtype,
+      decay_mask=optimizer_lib.default_decay_mask(trainable, decay_embeddings=o.decay_embeddings))
+  trainable_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+  opt_shardings = optimizer_lib.state_shardings(tx, trainable, trainable_shardings)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+  repl = sharding.replicated(mesh)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': opt_state,
+           'rng': jax.random.key_data(jax.random.key(config.train.seed + 1))}
+  state = jax.device_put(state, {'step': repl, 'params': trainable_shardings,
+                                 'opt_state': opt_shardings, 'rng': repl})
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+
+  # ---- Resume. ----------------------------------------------------------------------------
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    save_every=config.checkpoint.every_steps,
+                                    keep=config.checkpoint.keep)
+  start = 0
+  if ckpt.latest_step() is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    state, extra = ckpt.restore(abstract_state=abstract)
+    batches.restore(extra['data'])
+    start = int(state['step'])
+    logging.info('resumed from %s at step %d', ckpt.directory, start)
+  elif on_ready is not None:
+    on_ready(setup, lora.join(frozen, state['params']))
+
+  # ---- The jitted step. -------------------------------------------------------------------
+  batch_sharding = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(
+      make_train_step(model=setup.model, tx=tx, grad_accum=config.optim.grad_accum,
+                      param_dtype=param_dtype, stochastic_rounding=config.optim.stochastic_rounding),
+      in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+      out_shardings=(state_shardings, repl), donate_argnums=(0,))
+
+  # ---- Loop. ------------------------------------------------------------------------------
+  writer = metrics_lib.MetricsWriter(workdir, is_main_process=is_main, resume_step=start,
+                                     wandb_mode=config.wandb.mode, wandb_project=config.wandb.project,
+                                     wandb_name=config.wandb.name or os.path.basename(workdir),
+                                     config=config.to_dict())
+  c = setup.config
+  flops_per_token = metrics_lib.flops_per_token(
+      matmul_params(c), config.train.seq_len, c.num_layers, c.num_heads * c.head_dim,
+      lora=method == 'lora')
+  steps = config.train.steps
+  progress = metrics_lib.progress_bar(total=steps, initial=start, enabled=is_main)
+  t_window, tokens_window, first_step_time = time.time(), 0, None
+  last_loss = math.nan
+  with checkpointing.PreemptionGuard() as guard:
+    for step in range(start, steps):
+      batch = data_lib.to_global_array(next(batches), batch_sharding)
+      t0 = time.time()
+      state, m = step_fn(state, frozen, batch)
+      tokens_window += config.train.batch_size * config.train.seq_len
+      done = int(step) + 1
+      if done % config.train.log_every == 0 or done == steps or done == start + 1:
+        m = jax.device_get(m)
+        last_loss = float(m['loss'])
+        if first_step_time is None:
+          first_step_time = time.time() - t0  # Includes compilation.
+        if not math.isfinite(last_loss):
+          ckpt.wait_until_finished()
+          raise TrainingError(f'step {done}: loss is {last_loss}; stopping (the last good '
+                              f'checkpoint is step {ckpt.latest_step()})')
+        elapsed = time.time() - t_window
+        tps = tokens_window / elapsed
+        row = {'step': done, 'loss': last_loss, 'learning_rate': float(schedule(done - 1)),
+               'grad_norm': float(m['grad_norm']), 'supervised_tokens': int(m['supervised_tokens']),
+               'tokens_per_s': tps, 'epoch': batches.epoch}
+        mfu = metrics_lib.mfu(tps, flops_per_token, jax.devices()[0].device_kind, mesh.size)
+        if mfu is not None:
+          row['mfu'] = mfu
+        mem = metrics_lib.device_memory()
+        if mem is not None:
+          row['peak_memory_gib'] = mem / 2 ** 30
+        writer.write(done, row)
+        progress.update_metrics(row)
+        t_window, tokens_window = time.time(), 0
+      progress.update(1)
+      ckpt.save(done, state=state, extra={'data': batches.state()}, force=guard.should_stop())
+      if guard.should_stop():
+        logging.warning('SIGTERM: saved step %d; exiting', done)
+        ckpt.wait_until_finished()
+        writer.close()
+        progress.close()
+        return {'preempted': True, 'step': done}
+  ckpt.save(steps, state=state, extra={'data': batches.state()}, force=True)
+  ckpt.wait_until_finished()
+  progress.close()
+  writer.close()
+
+  # ---- Final weights, in the form eval/decode load. ------------------------------------------
+  final_dir = os.path.join(workdir, 'final')
+  checkpointing.save_params(final_dir, state['params'])
+  meta = {'tuning_method': method, 'model_checkpoint': setup.checkpoint,
+          'model_variant': config.model.variant, 'step': steps,
+          'lora': dict(config.lora) if method == 'lora' else None}
+  if is_main:
+    _write_json(os.path.join(workdir, 'final.json'), meta)
+  return {'step': steps, 'final_loss': last_loss, 'final_dir': final_dir,
+          'trainable_params': n_trainable, 'total_params': n_total,
+          'first_step_seconds': first_step_time, 'state': state, 'frozen': frozen, 'setup': setup}
