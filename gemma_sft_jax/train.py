@@ -250,17 +250,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
   # ---- Resume. ----------------------------------------------------------------------------
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                    save_every=config.checkpoint.every_steps,
+  ckpt = checkpointing.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
                                     keep=config.checkpoint.keep)
   start = 0
-  if ckpt.latest_step() is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state)
-    state, extra = ckpt.restore(abstract_state=abstract)
+  restored = checkpointing.restore_or_none(ckpt, abstract_state=checkpointing.abstract_tree(state))
+  if restored is not None:
+    state, extra = restored
     batches.restore(extra['data'])
     start = int(state['step'])
-    logging.info('resumed from %s at step %d', ckpt.directory, start)
+    logging.info('resumed from %s at step %d', os.path.join(workdir, 'checkpoints'), start)
   elif on_ready is not None:
     on_ready(setup, lora.join(frozen, state['params']))
 
@@ -273,16 +271,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       out_shardings=(state_shardings, repl), donate_argnums=(0,))
 
   # ---- Loop. ------------------------------------------------------------------------------
-  writer = metrics_lib.MetricsWriter(workdir, is_main_process=is_main, resume_step=start,
-                                     wandb_mode=config.wandb.mode, wandb_project=config.wandb.project,
-                                     wandb_name=config.wandb.name or os.path.basename(workdir),
-                                     config=config.to_dict())
+  writer = metrics_lib.MetricsWriter(
+      workdir, is_main_process=is_main, truncate_after_step=start if start else -1,
+      wandb_mode=config.wandb.mode, wandb_project=config.wandb.project,
+      wandb_name=config.wandb.name or os.path.basename(os.path.normpath(workdir)),
+      wandb_config=config.to_dict())
   c = setup.config
   flops_per_token = metrics_lib.flops_per_token(
-      matmul_params(c), config.train.seq_len, c.num_layers, c.num_heads * c.head_dim,
-      lora=method == 'lora')
+      n_matmul_params=matmul_params(c), seq_len=config.train.seq_len, n_layers=c.num_layers,
+      d_attn=c.num_heads * c.head_dim, lora=method == 'lora')
+  peak_flops = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
   steps = config.train.steps
-  progress = metrics_lib.progress_bar(total=steps, initial=start, enabled=is_main)
+  progress = metrics_lib.ProgressBar(total=steps, initial=start, enabled=is_main)
   t_window, tokens_window, first_step_time = time.time(), 0, None
   last_loss = math.nan
   with checkpointing.PreemptionGuard() as guard:
@@ -306,25 +306,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         row = {'step': done, 'loss': last_loss, 'learning_rate': float(schedule(done - 1)),
                'grad_norm': float(m['grad_norm']), 'supervised_tokens': int(m['supervised_tokens']),
                'tokens_per_s': tps, 'epoch': batches.epoch}
-        mfu = metrics_lib.mfu(tps, flops_per_token, jax.devices()[0].device_kind, mesh.size)
+        mfu = metrics_lib.mfu(tokens_per_s=tps, flops_per_token=flops_per_token,
+                              peak_flops_per_device=peak_flops, n_devices=mesh.size)
         if mfu is not None:
           row['mfu'] = mfu
         mem = metrics_lib.device_memory()
         if mem is not None:
           row['peak_memory_gib'] = mem / 2 ** 30
         writer.write(done, row)
-        progress.update_metrics(row)
+        progress.update(done, loss=last_loss, learning_rate=row['learning_rate'],
+                        tokens_per_s=tps, mfu_fraction=mfu)
         t_window, tokens_window = time.time(), 0
-      progress.update(1)
-      ckpt.save(done, state=state, extra={'data': batches.state()}, force=guard.should_stop())
-      if guard.should_stop():
-        logging.warning('SIGTERM: saved step %d; exiting', done)
-        ckpt.wait_until_finished()
+      else:
+        progress.update(done)
+      stop = guard.should_stop(done)
+      ckpt.save(done, state=state, extra={'data': batches.state()}, force=stop)
+      if stop:
+        logging.warning('preemption signal: saved step %d; exiting', done)
+        ckpt.close()
         writer.close()
         progress.close()
         return {'preempted': True, 'step': done}
   ckpt.save(steps, state=state, extra={'data': batches.state()}, force=True)
-  ckpt.wait_until_finished()
+  ckpt.close()
   progress.close()
   writer.close()
 
