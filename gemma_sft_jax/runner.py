@@ -7,6 +7,7 @@ explicit arguments.
 from __future__ import annotations
 
 import json
+import logging as logging_std
 import os
 import sys
 from typing import Any, Callable
@@ -26,6 +27,13 @@ from gemma_sft_jax import train as train_lib
 BAD_INPUT = (ValueError, FileNotFoundError, KeyError, train_lib.TrainingError)
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax (it logs every save step by step); warnings still show."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
+
+
 def setup_jax() -> None:
   """Multi-host initialisation when the environment describes several processes.
 
@@ -36,6 +44,7 @@ def setup_jax() -> None:
   if (env.get('JAX_COORDINATOR_ADDRESS') or env.get('SLURM_NTASKS', '1') != '1'
       or env.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0):
     jax.distributed.initialize()
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   cache = env.get('JAX_COMPILATION_CACHE_DIR')
   if cache:
     jax.config.update('jax_compilation_cache_dir', cache)
