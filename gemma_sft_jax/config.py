@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'
   c.model.param_dtype = 'float32'
   c.model.remat = 'none'  # 'none' | 'full' | 'dots'
+  # Dtype of the vocab-chunk logits matmul in the loss: bfloat16 keeps its backward in bf16
+  # (twice as fast on H100); softmax statistics are fp32 either way.
+  c.model.logits_dtype = 'float32'
 
   c.tuning_method = 'full'
 

@@ -29,9 +29,13 @@ class SamplingParams:
   stop_sequences: tuple[tuple[int, ...], ...] = ()
 
 
-def bucket(length: int, minimum: int = 32) -> int:
-  """Rounds a prompt length up to a power of two (at least `minimum`) to bound recompilation."""
-  return max(minimum, 1 << (max(length, 1) - 1).bit_length())
+def bucket(length: int, minimum: int = 32, step: int = 128) -> int:
+  """Rounds a prompt length up to bound recompilation: powers of two up to `step`, then
+  multiples of `step` (an 8-shot GSM8K prompt of ~1,400 tokens pads to 1,408, not 2,048)."""
+  length = max(length, 1)
+  if length <= step:
+    return max(minimum, 1 << (length - 1).bit_length())
+  return -(-length // step) * step
 
 
 def _filter_logits(logits, top_k: int, top_p: float):

@@ -172,6 +172,53 @@ def make_train_step(*, model: model_lib.Transformer, tx: Any, grad_accum: int,
   return train_step
 
 
+@dataclasses.dataclass
+class Parts:
+  """Everything a training loop (or a benchmark) needs besides data."""
+  state: dict[str, Any]
+  frozen: dict[str, Any]
+  schedule: Callable[[Any], Any]
+  step_fn: Callable[..., Any]  # (state, frozen, batch) -> (state, metrics); donates state
+  n_trainable: int
+  n_total: int
+
+
+def build(config: ml_collections.ConfigDict, setup: Setup, mesh: jax.sharding.Mesh) -> Parts:
+  """Parameters (shapes -> shardings -> init/load), optimizer state, and the jitted train step."""
+  method = config.tuning_method
+  params = init_params(setup, mesh=mesh, seed=config.train.seed)
+  trainable, frozen = lora.split(params, method)
+  del params
+  n_trainable = lora.count(trainable)
+  n_total = n_trainable + lora.count(frozen)
+  logging.info('parameters: %s trainable of %s (%s)', f'{n_trainable:,}', f'{n_total:,}', method)
+
+  o = config.optim
+  tx, schedule = optimizer_lib.make_optimizer(
+      lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps,
+      decay_steps=o.decay_steps or config.train.steps, weight_decay=o.weight_decay,
+      clip_norm=o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps, state_dtype=o.state_dtype,
+      decay_mask=optimizer_lib.default_decay_mask(trainable, decay_embeddings=o.decay_embeddings))
+  trainable_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+  opt_shardings = optimizer_lib.state_shardings(tx, trainable, trainable_shardings)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+  repl = sharding.replicated(mesh)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': opt_state,
+           'rng': jax.random.key_data(jax.random.key(config.train.seed + 1))}
+  state = jax.device_put(state, {'step': repl, 'params': trainable_shardings,
+                                 'opt_state': opt_shardings, 'rng': repl})
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+  step_fn = jax.jit(
+      make_train_step(model=setup.model, tx=tx, grad_accum=o.grad_accum,
+                      param_dtype=dtype_of(config.model.param_dtype, 'model.param_dtype'),
+                      stochastic_rounding=o.stochastic_rounding,
+                      logits_dtype=dtype_of(config.model.logits_dtype, 'model.logits_dtype')),
+      in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, repl), donate_argnums=(0,))
+  return Parts(state, frozen, schedule, step_fn, n_trainable, n_total)
+
+
 def _write_json(path: str, obj: Any) -> None:
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
@@ -203,7 +250,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ---- Model and tokenizer. -----------------------------------------------------------------
   setup = model_setup(config, with_lora=method == 'lora', mesh=mesh)
-  param_dtype = dtype_of(config.model.param_dtype, 'model.param_dtype')
 
   # ---- Data. ------------------------------------------------------------------------------
   examples = gsm8k.load_split(config.data.source, config.data.subset, config.data.train_split,
@@ -223,31 +269,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(f'optim.grad_accum={config.optim.grad_accum} does not divide '
                      f'train.batch_size={config.train.batch_size}')
 
-  # ---- Parameters: shapes -> shardings -> init/load. ------------------------------------------
-  params = init_params(setup, mesh=mesh, seed=config.train.seed)
-  trainable, frozen = lora.split(params, method)
-  del params
-  n_trainable = lora.count(trainable)
-  n_total = n_trainable + lora.count(frozen)
-  logging.info('parameters: %s trainable of %s (%s)', f'{n_trainable:,}', f'{n_total:,}', method)
-
-  # ---- Optimizer. -------------------------------------------------------------------------
-  o = config.optim
-  tx, schedule = optimizer_lib.make_optimizer(
-      lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps,
-      decay_steps=o.decay_steps or config.train.steps, weight_decay=o.weight_decay,
-      clip_norm=o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps, state_dtype=o.state_dtype,
-      decay_mask=optimizer_lib.default_decay_mask(trainable, decay_embeddings=o.decay_embeddings))
-  trainable_shardings = jax.tree.map(lambda x: x.sharding, trainable)
-  opt_shardings = optimizer_lib.state_shardings(tx, trainable, trainable_shardings)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
-  repl = sharding.replicated(mesh)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': trainable, 'opt_state': opt_state,
-           'rng': jax.random.key_data(jax.random.key(config.train.seed + 1))}
-  state = jax.device_put(state, {'step': repl, 'params': trainable_shardings,
-                                 'opt_state': opt_shardings, 'rng': repl})
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+  # ---- Parameters, optimizer, the jitted step. ------------------------------------------------
+  parts = build(config, setup, mesh)
+  state, frozen, schedule = parts.state, parts.frozen, parts.schedule
+  n_trainable, n_total = parts.n_trainable, parts.n_total
 
   # ---- Resume. ----------------------------------------------------------------------------
   ckpt = checkpointing.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
@@ -262,13 +287,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   elif on_ready is not None:
     on_ready(setup, lora.join(frozen, state['params']))
 
-  # ---- The jitted step. -------------------------------------------------------------------
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(
-      make_train_step(model=setup.model, tx=tx, grad_accum=config.optim.grad_accum,
-                      param_dtype=param_dtype, stochastic_rounding=config.optim.stochastic_rounding),
-      in_shardings=(state_shardings, frozen_shardings, batch_sharding),
-      out_shardings=(state_shardings, repl), donate_argnums=(0,))
+  repl = sharding.replicated(mesh)
+  step_fn = parts.step_fn
 
   # ---- Loop. ------------------------------------------------------------------------------
   writer = metrics_lib.MetricsWriter(
