@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Multi-node GPU training without SLURM: run this on every node with the same arguments.
+#   COORDINATOR=10.0.0.1:1234 NUM_NODES=2 NODE_RANK=0 launch/gpu_multinode.sh --config=... --workdir=...
+# jax.distributed.initialize() picks these up from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+# JAX_PROCESS_ID (see gemma_sft_jax/runner.py:setup_jax).
+set -euo pipefail
+export JAX_COORDINATOR_ADDRESS=${COORDINATOR:?set COORDINATOR=host:port}
+export JAX_NUM_PROCESSES=${NUM_NODES:?set NUM_NODES}
+export JAX_PROCESS_ID=${NODE_RANK:?set NODE_RANK}
+export NCCL_NVLS_ENABLE=0
+exec python -m gemma_sft_jax.main "$@"
