@@ -41,9 +41,12 @@ def setup_jax() -> None:
   JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set (see launch/).
   """
   env = os.environ
-  if (env.get('JAX_COORDINATOR_ADDRESS') or env.get('SLURM_NTASKS', '1') != '1'
-      or env.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0):
-    jax.distributed.initialize()
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+                               num_processes=int(env['JAX_NUM_PROCESSES']),
+                               process_id=int(env['JAX_PROCESS_ID']))
+  elif env.get('SLURM_NTASKS', '1') != '1' or env.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
+    jax.distributed.initialize()  # Finds the coordinator in the SLURM / TPU environment.
   logging.get_absl_handler().addFilter(_QuietLibraries())
   cache = env.get('JAX_COMPILATION_CACHE_DIR')
   if cache:
