@@ -99,8 +99,8 @@ def init_params(setup: Setup, *, mesh: jax.sharding.Mesh, seed: int) -> Any:
   if not setup.checkpoint:
     return jax.jit(lambda r: setup.model.init(r, dummy)['params'], out_shardings=shardings)(
         jax.random.key(seed))
-  base_shapes, _ = lora.split(shapes, 'full'), None
-  base = checkpoints.load_params(setup.checkpoint, config=setup.config, shapes=base_shapes[0],
+  # The loader reads the base leaves only; adapter leaves in `shapes` are skipped.
+  base = checkpoints.load_params(setup.checkpoint, config=setup.config, shapes=shapes,
                                  shardings=shardings)
   if not setup.model.lora.rank:
     return base
