@@ -91,6 +91,48 @@ def _num_blocks(n: int, block_size: int) -> int:
   return -(-n // block_size)
 
 
+def nearest_code_index(normed: jax.Array, *, signed: bool) -> jax.Array:
+  """Index (into `dynamic_map(signed)`) of the code nearest to each value in [-1, 1] / [0, 1].
+
+  Equal to `searchsorted(midpoints, normed, side='left')` (the tested reference), but computed
+  arithmetically: the map's decade and linear position give a candidate code, which is
+  then off by at most one and is corrected by comparing with its two neighbouring midpoints. A
+  binary search is 8 dependent gathers per element; on an H100 this path makes the 8-bit update
+  several times faster than `jnp.searchsorted(..., method='scan_unrolled')` (docs/optimizer.md).
+
+  Args:
+    normed: values divided by their block absmax.
+    signed: which map.
+
+  Returns:
+    int32 indices in [0, 255].
+  """
+  table = dynamic_map(signed=signed)
+  midpoints = jnp.asarray((table[:-1] + table[1:]) / 2)
+  a = jnp.abs(normed) if signed else normed
+  # Decade i in 0..6 holds codes 10^(i-6) · [0.1, 1): count the decade edges at or below a.
+  decade = sum((a >= 10.0 ** (k - 7)).astype(jnp.int32) for k in range(1, 7))
+  parts = jnp.left_shift(1, decade + (0 if signed else 1))  # codes in this decade
+  before = parts - (1 if signed else 2)  # codes in lower decades (2^i - 1 or 2^(i+1) - 2)
+  scale = jnp.asarray(10.0 ** np.arange(-6, 1), jnp.float32)[decade]
+  frac = jnp.floor((a / scale - 0.1) * parts.astype(jnp.float32) / 0.9).astype(jnp.int32)
+  first_positive = 128 if signed else 1
+  cand = first_positive + before + jnp.clip(frac, 0, parts - 1)
+  lower, upper = midpoints[cand - 1], midpoints[jnp.minimum(cand, 254)]
+  if not signed:
+    index = cand - 1 + (a > lower) + (a > upper)
+  else:
+    # Negative codes mirror the positive ones around 0 (index 127), except that there is no
+    # -1.0: the most negative code is the mirror of 0.99297, so clip before mirroring. A tie
+    # goes to the lower code, as searchsorted(side='left') does: for negatives that is the
+    # larger magnitude, hence >=.
+    neg = normed < 0
+    above = lambda m: jnp.where(neg, a >= m, a > m)  # noqa: E731
+    index = cand - 1 + above(lower) + above(upper)
+    index = jnp.where(neg, 254 - jnp.minimum(index, 254), index)
+  return index.astype(jnp.int32)
+
+
 def quantize_blockwise(x: jax.Array, *, signed: bool,
                        block_size: int = BLOCK_SIZE) -> QuantizedArray:
   """Quantises x along its last axis in blocks, to the nearest code of the dynamic map.
@@ -103,8 +145,6 @@ def quantize_blockwise(x: jax.Array, *, signed: bool,
   Returns:
     QuantizedArray with codes shaped like x and scales [..., ceil(n / block_size)].
   """
-  table = dynamic_map(signed=signed)
-  midpoints = jnp.asarray((table[:-1] + table[1:]) / 2)
   *lead, n = x.shape
   nb = _num_blocks(n, block_size)
   x = x.astype(jnp.float32)
@@ -112,8 +152,7 @@ def quantize_blockwise(x: jax.Array, *, signed: bool,
   xb = xb.reshape(*lead, nb, block_size)
   absmax = jnp.max(jnp.abs(xb), axis=-1)
   normed = xb / jnp.where(absmax > 0, absmax, 1.0)[..., None]
-  # Nearest code = number of midpoints below the value; a binary search, elementwise and jittable.
-  index = jnp.searchsorted(midpoints, normed, side='left', method='scan_unrolled')
+  index = nearest_code_index(normed, signed=signed)
   index = index.reshape(*lead, nb * block_size)[..., :n]
   codes = (index - _code_offset(signed)).astype(jnp.int8 if signed else jnp.uint8)
   return QuantizedArray(codes=codes, scales=absmax)
