@@ -265,7 +265,7 @@ def min_lr_from_ratio(lr: float, ratio: float) -> float:
 
 def make_schedule(*, lr: float, min_lr: float, warmup_steps: int,
                   decay_steps: int) -> optax.Schedule:
-  """Linear warmup 0 -> lr over warmup_steps, then cosine lr -> min_lr until decay_steps, then min_lr.
+  """Linear warmup 0 -> lr, then cosine lr -> min_lr until decay_steps, then constant min_lr.
 
   Args:
     lr: peak learning rate.

@@ -4,6 +4,7 @@ state sharding on an 8-device CPU mesh.
 Tolerances are stated where they are asserted; docs/optimizer.md reports the measured values.
 """
 
+import functools
 import math
 import os
 import subprocess
@@ -140,12 +141,9 @@ def _mlp_apply(p, x):
   return h @ p['dense_2']['kernel'] + p['dense_2']['bias']
 
 
-_TEACHER = None
-
-
-def _mlp_batch(key):
+def _mlp_batch(teacher, key):
   x = jax.random.normal(key, (256, 64))
-  return x, _mlp_apply(_TEACHER, x)
+  return x, _mlp_apply(teacher, x)
 
 
 def _mlp_loss(p, batch):
@@ -185,7 +183,8 @@ def _tf_apply(p, tokens):
     q, k, v = map(split, jnp.split(h @ lp['attn']['qkv_proj']['kernel'], 3, -1))
     logits = jnp.einsum('BTNH,BSNH->BNTS', q, k) / (D // NH) ** 0.5
     probs = jax.nn.softmax(jnp.where(causal, logits, -1e9), -1)
-    x = x + jnp.einsum('BNTS,BSNH->BTNH', probs, v).reshape(x.shape) @ lp['attn']['o_proj']['kernel']
+    attended = jnp.einsum('BNTS,BSNH->BTNH', probs, v).reshape(x.shape)
+    x = x + attended @ lp['attn']['o_proj']['kernel']
     h = _rms_norm(x, lp['pre_ffw_norm']['scale'])
     x = x + jax.nn.gelu(h @ lp['mlp']['up_proj']['kernel']) @ lp['mlp']['down_proj']['kernel']
   return _rms_norm(x, p['final_norm']['scale']) @ p['embedder']['input_embedding'].T
@@ -250,10 +249,9 @@ _TOLERANCES = {
 
 @pytest.mark.parametrize('model,state_dtype', list(_TOLERANCES))
 def test_tracks_optax_adamw(model, state_dtype):
-  global _TEACHER
-  _TEACHER = _mlp_init(jax.random.key(42))
   if model == 'mlp':
-    r = _track(_mlp_init, _mlp_loss, _mlp_batch, state_dtype)
+    teacher = _mlp_init(jax.random.key(42))
+    r = _track(_mlp_init, _mlp_loss, functools.partial(_mlp_batch, teacher), state_dtype)
   else:
     r = _track(_tf_init, _tf_loss, _tf_batch, state_dtype)
   factor, max_rel, rel_travel, loss_rel = _TOLERANCES[model, state_dtype]
