@@ -38,15 +38,54 @@ class ByteTokenizer:
     return data.decode('utf-8', errors='replace')
 
 
+# Words that are single tokens in Gemma's vocabulary; a correct tokenizer encodes each as one id.
+_PROBES = ('Question', 'Answer', ' the', ' number', ' total')
+
+
+def check_gguf_tokenizer(tok: Any, path: str) -> None:
+  """Fails if `tok` splits words that the GGUF vocabulary holds as single tokens.
+
+  Some transformers releases (seen with 5.17) rebuild the merges of a GGUF's SentencePiece
+  vocabulary wrongly: 'Question' becomes three pieces and GSM8K prompts grow ~1.6x, which
+  quietly degrades every number measured with that tokenizer. Catch it here instead.
+  """
+  import gguf  # pylint: disable=g-import-not-at-top
+  field = gguf.GGUFReader(path).fields['tokenizer.ggml.tokens']
+  vocab = {bytes(field.parts[i]).decode('utf-8', errors='replace'): n
+           for n, i in enumerate(field.data)}
+  for word in _PROBES:
+    piece = word.replace(' ', '\u2581')
+    if piece in vocab:
+      got = list(tok.encode(word, add_special_tokens=False))
+      if got != [vocab[piece]]:
+        raise ValueError(
+            f'{path}: the tokenizer transformers {_transformers_version()} built from this GGUF '
+            f'encodes {word!r} as {got}, not as its vocabulary token {vocab[piece]}; build the '
+            f"cache '{path}.tokenizer' with a transformers release that converts GGUF vocabularies "
+            'correctly (5.24 does) or set model.tokenizer to a HF tokenizer directory')
+
+
+def _transformers_version() -> str:
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.__version__
+
+
 def _gguf_tokenizer(path: str) -> Any:
-  """Builds the tokenizer stored in a GGUF file, cached as HF files beside it (building takes ~30 s)."""
+  """Builds the tokenizer stored in a GGUF file, cached as HF files beside it (building takes ~30 s).
+
+  The cache is plain tokenizer.json: any transformers release reads it, so a cache built where the
+  conversion is right can be copied next to the GGUF on a machine where it is not.
+  """
   import transformers  # pylint: disable=g-import-not-at-top
 
   cache = path + '.tokenizer'
   if os.path.isdir(cache):
-    return transformers.AutoTokenizer.from_pretrained(cache)
+    tok = transformers.AutoTokenizer.from_pretrained(cache)
+    check_gguf_tokenizer(tok, path)
+    return tok
   tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path) or '.',
                                                    gguf_file=os.path.basename(path))
+  check_gguf_tokenizer(tok, path)
   try:
     tok.save_pretrained(cache)
   except OSError:
