@@ -14,6 +14,7 @@ import functools
 from typing import Any, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -141,6 +142,8 @@ def generate(model: model_lib.Transformer, params: Any, prompts: Sequence[Sequen
   if batch_sharding is not None:
     tokens, segments = jax.device_put((tokens, segments), batch_sharding)
   out, lengths = _generate(model, params, tokens, segments, jax.random.key(seed), sampling, eos_id)
+  if not out.is_fully_addressable:  # Rows split over several processes: every one gets them all.
+    out, lengths = multihost_utils.process_allgather((out, lengths), tiled=True)
   out, lengths = np.asarray(out), np.asarray(lengths)
   results = []
   for row, n in zip(out, lengths):
