@@ -1,0 +1,181 @@
+"""The GSM8K evaluator: exact strict/flexible scoring and predictions.jsonl (with `sampler.generate`
+replaced by known completions), identical prompts for base and SFT, and batch-size invariance
+with a real tiny model.
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_sft_jax import data as data_lib
+from gemma_sft_jax import evaluate
+from gemma_sft_jax import gsm8k
+from gemma_sft_jax import model as model_lib
+from gemma_sft_jax import sampler
+from gemma_sft_jax import tokenizer as tokenizer_lib
+
+SAMPLE = os.path.join(os.path.dirname(evaluate.__file__), 'assets', 'gsm8k_sample')
+TOK = tokenizer_lib.ByteTokenizer()
+
+# question -> (gold, completion the fake model gives, strict correct, flexible correct)
+CASES = {
+    'Janet has 9 eggs and sells them for $2 each. How much does she make?':
+        ('18', ' She makes 9 * 2 = $18.\n#### 18', True, True),
+    'A robe takes 6 bolts three times. How many bolts?':
+        ('18', ' The answer is 18.', False, True),
+    'Josh has 3 boxes of 6 pens. How many pens?':
+        ('18', ' 3 * 6 = 17\n#### 17', False, False),
+    # The model goes on with a new question: only the text before '\n\nQuestion:' counts.
+    'Ten crates hold 100 apples each. How many apples?':
+        ('1000', ' 10 * 100 = 1,000\n#### 1,000\n\nQuestion: How many? 5\n#### 5', True, True),
+    'Tom picks 18 apples and 3 pears. How many apples?':
+        ('18', ' #### 18 apples and 3 pears', True, False),
+    'What is 3 + 4?':
+        ('7', '', False, False),
+}
+
+
+def _examples():
+  return [gsm8k.Example(question=q, answer=f'... #### {gold}', gold=gold)
+          for q, (gold, *_) in CASES.items()]
+
+
+class FakeGenerate:
+  """Stands in for `sampler.generate`: the completion for each prompt's (last) question.
+
+  `params` names the model ('base' / 'sft'); the SFT model's completions differ.
+  """
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, model, params, prompts, *, sampling, eos_id, pad_id=0, seed=0,
+               batch_sharding=None, min_bucket=32):
+    self.calls.append({'prompts': [list(p) for p in prompts], 'sampling': sampling,
+                       'eos_id': eos_id, 'pad_id': pad_id, 'params': params})
+    out = []
+    for ids in prompts:
+      assert ids[0] == TOK.bos_token_id
+      question = TOK.decode(ids).rsplit('Question: ', 1)[1].rsplit('\nAnswer:', 1)[0]
+      completion = CASES[question][1] if question in CASES else ' #### 0'
+      if params == 'sft':
+        completion = ' #### 42'
+      out.append(TOK.encode(completion))
+    return out
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_scoring_and_predictions_file(tmp_path, monkeypatch):
+  fake = FakeGenerate()
+  monkeypatch.setattr(sampler, 'generate', fake)
+  questions = _examples()
+  spec = evaluate.PromptSpec()
+  path = str(tmp_path / 'sub' / 'predictions.jsonl')
+  result = evaluate.evaluate_gsm8k(model=None, params='base', tokenizer=TOK, questions=questions,
+                                   pool=[], prompts=spec, batch_size=4, max_new_tokens=48,
+                                   predictions_path=path, progress=False)
+
+  want_strict = sum(c[2] for c in CASES.values())
+  want_flexible = sum(c[3] for c in CASES.values())
+  assert (want_strict, want_flexible) == (3, 3)
+  assert result['n'] == 6
+  assert result['strict_correct'] == want_strict and result['flexible_correct'] == want_flexible
+  assert result['strict_accuracy'] == want_strict / 6
+  assert result['flexible_accuracy'] == want_flexible / 6
+  assert result['strategy'] == 'zero_shot' and result['num_shots'] == 0
+  prompt_ids = [data_lib.tokenize_prompt(spec.build(q.question, []), tokenizer=TOK)
+                for q in questions]
+  assert result['prompt_tokens_mean'] == np.mean([len(x) for x in prompt_ids])
+
+  # Greedy, the tokenizer's EOS, the stop strings as tokens; every batch padded to batch_size.
+  assert [len(c['prompts']) for c in fake.calls] == [4, 4]
+  for call in fake.calls:
+    s = call['sampling']
+    assert (s.temperature, s.max_new_tokens, call['eos_id']) == (0.0, 48, TOK.eos_token_id)
+    assert tuple(TOK.encode('Question:')) in s.stop_sequences
+    assert tuple(TOK.encode('\n\nQuestion:')) in s.stop_sequences
+  sent = [p for c in fake.calls for p in c['prompts']]
+  assert all(p in sent for p in prompt_ids)
+  assert sent[:6] == sorted(prompt_ids, key=len)  # Sorted by length: little padding per batch.
+
+  rows = _read_jsonl(path)
+  assert len(rows) == 6
+  for row, q in zip(rows, questions):  # The questions' order, not the decode order.
+    gold, completion, ok_s, ok_f = CASES[q.question]
+    assert set(row) == {'question', 'prompt', 'completion', 'extracted_strict',
+                        'extracted_flexible', 'gold', 'correct_strict', 'correct_flexible'}
+    assert row['question'] == q.question
+    assert row['prompt'] == f'Question: {q.question}\nAnswer:'
+    assert row['completion'] == completion  # Untruncated; scoring uses the truncated text.
+    assert row['gold'] == gold
+    assert (row['correct_strict'], row['correct_flexible']) == (ok_s, ok_f), q.question
+  by_q = {r['question']: r for r in rows}
+  assert by_q['Ten crates hold 100 apples each. How many apples?']['extracted_strict'] == '1000'
+  assert by_q['Ten crates hold 100 apples each. How many apples?']['extracted_flexible'] == '1000'
+  assert by_q['Tom picks 18 apples and 3 pears. How many apples?']['extracted_flexible'] == '3'
+  assert by_q['A robe takes 6 bolts three times. How many bolts?']['extracted_strict'] is None
+  assert by_q['What is 3 + 4?']['extracted_flexible'] is None
+
+  table = evaluate.format_table({'base': result, 'train': {'step': 3}})
+  assert len(table.splitlines()) == 2 and '50.00%' in table and '0-shot' in table
+
+
+def test_base_and_sft_get_identical_prompts(tmp_path, monkeypatch):
+  fake = FakeGenerate()
+  monkeypatch.setattr(sampler, 'generate', fake)
+  questions = gsm8k.load_split(SAMPLE, 'main', 'test')[:5]
+  pool = gsm8k.load_split(SAMPLE, 'main', 'train')
+  spec = evaluate.PromptSpec(strategy='few_shot', num_shots=2, seed=3)
+  results = {}
+  for label in ('base', 'sft'):
+    results[label] = evaluate.evaluate_gsm8k(
+        model=None, params=label, tokenizer=TOK, questions=questions, pool=pool, prompts=spec,
+        batch_size=2, max_new_tokens=8, predictions_path=str(tmp_path / f'{label}.jsonl'),
+        progress=False)
+  base, sft = _read_jsonl(tmp_path / 'base.jsonl'), _read_jsonl(tmp_path / 'sft.jsonl')
+  assert [r['prompt'] for r in base] == [r['prompt'] for r in sft]
+  assert [r['completion'] for r in base] != [r['completion'] for r in sft]
+  base_calls = [c for c in fake.calls if c['params'] == 'base']
+  sft_calls = [c for c in fake.calls if c['params'] == 'sft']
+  assert [c['prompts'] for c in base_calls] == [c['prompts'] for c in sft_calls]
+  exemplars = gsm8k.sample_exemplars(pool, k=2, seed=3)
+  for row, q in zip(base, questions):
+    assert row['prompt'].count('Question: ') == 3  # Two exemplars, then the question.
+    assert row['prompt'] == gsm8k.build_prompt(q.question, strategy='few_shot', pool=pool,
+                                               num_shots=2, seed=3)
+    assert row['prompt'].startswith(f'Question: {exemplars[0].question}\nAnswer:')
+    assert '<<' not in row['prompt']  # Calculator annotations stripped from exemplars.
+  assert results['base']['num_shots'] == 2 and results['sft']['n'] == 5
+
+
+def test_batch_size_does_not_change_completions(tmp_path):
+  config = dataclasses.replace(model_lib.VARIANTS['tiny_gemma3'], num_layers=2,
+                               layer_types=(model_lib.SLIDING, model_lib.GLOBAL))
+  model = model_lib.Transformer(config)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map_with_path(  # Non-zero norm weights.
+      lambda p, x: jnp.asarray(rng.normal(0, 0.5, x.shape), x.dtype) if p[-1].key == 'scale' else x,
+      params)
+  questions = gsm8k.load_split(SAMPLE, 'main', 'test')[:7]
+  results, rows = {}, {}
+  for batch_size in (3, 8):  # 3 + 3 + 1 (padded to 3), or one batch of 7 padded to 8.
+    path = str(tmp_path / f'b{batch_size}.jsonl')
+    results[batch_size] = evaluate.evaluate_gsm8k(
+        model=model, params=params, tokenizer=TOK, questions=questions, pool=[],
+        prompts=evaluate.PromptSpec(), batch_size=batch_size, max_new_tokens=12,
+        predictions_path=path, progress=False)
+    results[batch_size].pop('seconds')
+    rows[batch_size] = _read_jsonl(path)
+  assert rows[3] == rows[8]
+  assert results[3] == results[8]
+  completions = [r['completion'] for r in rows[3]]
+  assert len(set(completions)) > 1 and all(completions)

@@ -1,0 +1,404 @@
+"""The KV-cache sampler: cached decode == full forward, greedy == transformers' generate (tiny and
+the real Gemma 3 270M), and the sampling options (temperature, top-k, top-p, EOS, stop sequences).
+
+test_model.py checks the cache one model call at a time; here everything goes through
+`sampler.generate` (bucketed left padding, prefill, the while_loop), and the logits it chose from
+are recorded with an ordered debug callback around `sampler._choose`.
+"""
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from gemma_sft_jax import checkpoints
+from gemma_sft_jax import data as data_lib
+from gemma_sft_jax import evaluate
+from gemma_sft_jax import gsm8k
+from gemma_sft_jax import model as model_lib
+from gemma_sft_jax import sampler
+from gemma_sft_jax import tokenizer as tokenizer_lib
+from tests.conftest import write_hf_checkpoint
+
+NO_EOS = -1  # An id no model emits: every row runs for max_new_tokens.
+BOS = 2
+# Prompt lengths: shorter than, about, and far beyond the sliding window (7), so a batch mixes
+# very different amounts of left padding and the local layers drop most of the longest prompt.
+LENGTHS = (3, 9, 26)
+
+
+def _random_params(config: model_lib.ModelConfig, seed: int):
+  """A tiny model and random params with non-zero norm weights (flax inits them to 0, i.e. 1 + 0)."""
+  model = model_lib.Transformer(config)
+  params = model.init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))['params']
+  rng = np.random.default_rng(seed)
+
+  def perturb(path, x):
+    if path[-1].key == 'scale':
+      return jnp.asarray(rng.normal(0.0, 0.5, x.shape), x.dtype)
+    return x
+
+  return model, jax.tree_util.tree_map_with_path(perturb, params)
+
+
+def _prompts(config, lengths=LENGTHS, seed=1):
+  """BOS + random non-special ids, one prompt per length."""
+  rng = np.random.default_rng(seed)
+  return [[BOS] + rng.integers(3, config.vocab_size, size=n - 1).tolist() for n in lengths]
+
+
+@pytest.fixture
+def recorded_logits(monkeypatch):
+  """Every [B, V] logits array `sampler._choose` sees, in decode order (prefill first)."""
+  seen = []
+  choose = sampler._choose  # pylint: disable=protected-access
+
+  def recording(logits, rng, p):
+    jax.debug.callback(lambda x: seen.append(np.asarray(x)), logits, ordered=True)
+    return choose(logits, rng, p)
+
+  # _generate is jitted: drop traces made without the recorder (and, afterwards, with it).
+  sampler._generate.clear_cache()  # pylint: disable=protected-access
+  monkeypatch.setattr(sampler, '_choose', recording)
+  yield seen
+  monkeypatch.undo()
+  sampler._generate.clear_cache()  # pylint: disable=protected-access
+
+
+def _full_forward_logits(model, params, prompts, generated):
+  """No cache, no left padding: per row, the logits predicting each generated token [n, V].
+
+  Rows are right-padded into one batch; causality keeps the padding out of earlier positions.
+  """
+  rows = [p + g for p, g in zip(prompts, generated)]
+  tokens = np.zeros((len(rows), max(map(len, rows))), np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+  logits = np.asarray(model.apply({'params': params}, jnp.asarray(tokens))[0])
+  return [logits[i, len(p) - 1:len(p) - 1 + len(g)] for i, (p, g) in enumerate(zip(prompts,
+                                                                                    generated))]
+
+
+# ---- 1. Cached decode == full forward. ------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['tiny_gemma2', 'tiny_gemma3'])
+def test_cached_decode_equals_full_forward(name, recorded_logits):
+  config = model_lib.VARIANTS[name]
+  assert config.sliding_window == 7 < max(LENGTHS)
+  model, params = _random_params(config, seed=0)
+  prompts = _prompts(config)
+  n = 12
+  out = sampler.generate(model, params, prompts, eos_id=NO_EOS,
+                         sampling=sampler.SamplingParams(max_new_tokens=n))
+  assert [len(x) for x in out] == [n] * len(prompts)
+  assert len(recorded_logits) == n  # The prefill's choice plus n - 1 loop steps.
+  steps = np.stack(recorded_logits, axis=1)  # [B, n, V]
+  full = _full_forward_logits(model, params, prompts, out)
+  for i, (prompt, generated, want) in enumerate(zip(prompts, out, full)):
+    np.testing.assert_array_equal(want.argmax(-1), generated, err_msg=f'row {i}')
+    chosen = np.take_along_axis(steps[i], np.asarray(generated)[:, None], axis=1)[:, 0]
+    np.testing.assert_allclose(chosen, want[np.arange(n), generated], atol=1e-4, rtol=0)
+    diff = np.abs(steps[i] - want).max()
+    pad = sampler.bucket(max(LENGTHS)) - len(prompt)
+    print(f'{name} row {i} (prompt {len(prompt)} tokens, left pad {pad}): '
+          f'cached vs full logits max abs diff {diff:.1e}')
+    assert diff <= 1e-4  # Every logit, not only the chosen one.
+  assert len({t for row in out for t in row}) > 3  # A degenerate model would prove little.
+
+
+def test_bucket():
+  assert [sampler.bucket(n) for n in (0, 1, 32, 33, 100, 128, 129, 1400)] == [
+      32, 32, 32, 64, 128, 128, 256, 1408]
+  assert sampler.bucket(3, minimum=4) == 4 and sampler.bucket(5, minimum=4) == 8
+
+
+# ---- 2. Greedy == transformers' greedy generate. ---------------------------------------------------
+
+@pytest.fixture
+def torch_one_thread():
+  """torch's tiny-model ops are ~10x slower with a 2-thread OpenMP team when the other core is
+  busy (e.g. with a compiling XLA); one thread is as fast for these sizes."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
+def _hf_greedy(hf_model, prompt, n, eos_id, pad_id):
+  """transformers' greedy continuation of one unpadded prompt, cut before the first EOS."""
+  with torch.no_grad():
+    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                                                                dtype=torch.long),
+                            do_sample=False, max_new_tokens=n, eos_token_id=eos_id,
+                            pad_token_id=pad_id)
+  ids = out[0, len(prompt):].tolist()
+  return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+@pytest.mark.parametrize('name', ['tiny_gemma2', 'tiny_gemma3'])
+def test_greedy_matches_transformers_generate(tmp_path, name, torch_one_thread):
+  config = model_lib.VARIANTS[name]
+  hf_model = write_hf_checkpoint(tmp_path, config.to_hf_dict(), seed=3)
+  model = model_lib.Transformer(config)
+  params = checkpoints.load_params(str(tmp_path), config=config,
+                                   shapes=model_lib.param_shapes(model))
+  prompts = _prompts(config, lengths=(4, 12, 21), seed=5)
+  n = 16
+  ours = sampler.generate(model, params, prompts, eos_id=1,
+                          sampling=sampler.SamplingParams(max_new_tokens=n))
+  for prompt, got in zip(prompts, ours):
+    assert got == _hf_greedy(hf_model, prompt, n, eos_id=1, pad_id=0)
+
+  # transformers with the same left-padded batch (attention mask, positions from the mask).
+  width = max(map(len, prompts))
+  ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+  mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+  with torch.no_grad():
+    batch = hf_model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                              eos_token_id=1, pad_token_id=0)[:, width:].tolist()
+  for got, row in zip(ours, batch):
+    assert got == (row[:row.index(1)] if 1 in row else row)
+  assert len({t for row in ours for t in row}) > 3
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_greedy_matches_transformers(gemma3_270m_gguf, gsm8k_dir):
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  # test_checkpoints checks that the GGUF's metadata gives exactly this config.
+  config = model_lib.VARIANTS['gemma3_270m']
+  tok = tokenizer_lib.load_tokenizer(gemma3_270m_gguf)
+  questions = gsm8k.load_split(gsm8k_dir, 'main', 'test')[:3]
+  spec = evaluate.PromptSpec()
+  prompts = [data_lib.tokenize_prompt(spec.build(q.question, []), tokenizer=tok)
+             for q in questions]
+  assert len(set(map(len, prompts))) == 3  # A left-padded batch.
+  n = 32
+  model = model_lib.Transformer(config)
+  params = checkpoints.load_params(gemma3_270m_gguf, config=config,
+                                   shapes=model_lib.param_shapes(model))
+  ours = sampler.generate(model, params, prompts, eos_id=tok.eos_token_id,
+                          pad_id=tok.pad_token_id, sampling=sampler.SamplingParams(max_new_tokens=n))
+  del params
+
+  # transformers dequantises the GGUF itself. The architecture is passed in because reading it from
+  # the GGUF parses all 262k vocabulary strings a second time (~20 s); test_checkpoints checks
+  # transformers' own reading of it against ours.
+  hf_config = transformers.AutoConfig.for_model(**config.to_hf_dict())
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(gemma3_270m_gguf), gguf_file=os.path.basename(gemma3_270m_gguf),
+      config=hf_config, dtype=torch.float32)
+  hf.eval()
+  for prompt, got in zip(prompts, ours):
+    with torch.no_grad():
+      out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                                                          dtype=torch.long),
+                        do_sample=False, max_new_tokens=n, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, output_logits=True,
+                        return_dict_in_generate=True)
+    want = out.sequences[0, len(prompt):].tolist()
+    if tok.eos_token_id in want:
+      want = want[:want.index(tok.eos_token_id)]
+    # How close to a tie greedy decoding came: the top-1 minus top-2 logit at each step.
+    top2 = torch.stack(out.logits)[:, 0].topk(2, dim=-1).values
+    gaps = (top2[:, 0] - top2[:, 1]).numpy()
+    first_diff = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    print(f'270M: prompt {len(prompt)} tokens, {len(want)} generated, min top-2 gap '
+          f'{gaps.min():.3f}, first difference at {first_diff} '
+          f'(gap there {gaps[first_diff] if first_diff is not None else "-"}): '
+          f'{tok.decode(got)!r}')
+    assert got == want
+    assert len(got) >= 8  # A real continuation, not an immediate EOS.
+
+
+# ---- 3. Sampling options. ------------------------------------------------------------------------
+
+N_SAMPLE = 16
+# Two layers (one local, one global) of the tiny Gemma 3: every option below is its own compile.
+SMALL = dataclasses.replace(model_lib.VARIANTS['tiny_gemma3'], num_layers=2,
+                            layer_types=(model_lib.SLIDING, model_lib.GLOBAL))
+
+
+@pytest.fixture(scope='module')
+def small():
+  config = SMALL
+  model, params = _random_params(config, seed=7)
+  prompts = _prompts(config, lengths=(4, 9, 17), seed=11)
+  greedy = sampler.generate(model, params, prompts, eos_id=NO_EOS,
+                            sampling=sampler.SamplingParams(max_new_tokens=N_SAMPLE))
+  return model, params, prompts, greedy
+
+
+def _sample(small, *, eos_id=NO_EOS, seed=0, **kw):
+  model, params, prompts, _ = small
+  return sampler.generate(model, params, prompts, eos_id=eos_id, seed=seed,
+                          sampling=sampler.SamplingParams(max_new_tokens=N_SAMPLE, **kw))
+
+
+def test_temperature_sampling_is_seeded(small):
+  greedy = small[3]
+  a = _sample(small, temperature=1.5, seed=0)
+  assert _sample(small, temperature=1.5, seed=0) == a
+  b = _sample(small, temperature=1.5, seed=1)
+  assert b != a
+  assert a != greedy and b != greedy
+  assert [len(x) for x in a] == [N_SAMPLE] * 3
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(small):
+  greedy = small[3]
+  for seed in (0, 1):
+    assert _sample(small, temperature=1.5, top_k=1, seed=seed) == greedy
+    assert _sample(small, temperature=1.5, top_p=1e-6, seed=seed) == greedy
+
+
+def test_filter_logits_exact():
+  logits = jnp.log(jnp.asarray([[0.1, 0.4, 0.2, 0.3]]))
+  inf = -np.inf
+  got = np.asarray(sampler._filter_logits(logits, 2, 1.0))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.isfinite(got), [[False, True, False, True]])
+  # Sorted probabilities 0.4, 0.3, 0.2, 0.1: top-p 0.65 keeps 0.4 + 0.3 (the smallest prefix
+  # reaching 0.65), 0.75 needs the 0.2 as well, and a tiny top-p keeps only the argmax.
+  for top_p, keep in ((0.65, [0, 1, 0, 1]), (0.75, [0, 1, 1, 1]), (1e-6, [0, 1, 0, 0])):
+    got = np.asarray(sampler._filter_logits(logits, 0, top_p))  # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.isfinite(got)[0], np.asarray(keep, bool), err_msg=top_p)
+    np.testing.assert_allclose(np.where(np.isfinite(got), got, inf),
+                               np.where(keep, np.asarray(logits), inf), err_msg=top_p)
+
+
+def test_sampled_tokens_respect_top_k_and_top_p(small, recorded_logits):
+  temperature, top_k, top_p = 2.0, 5, 0.5
+  out = _sample(small, temperature=temperature, top_k=top_k, seed=3)
+  steps = np.stack(recorded_logits, axis=1)  # [B, n, V] raw logits.
+  for row, logits in zip(out, steps):
+    for token, l in zip(row, logits):
+      assert (l > l[token]).sum() < top_k
+  recorded_logits.clear()
+  out = _sample(small, temperature=temperature, top_p=top_p, seed=3)
+  steps = np.stack(recorded_logits, axis=1)
+  sizes = []
+  for row, logits in zip(out, steps):
+    for token, l in zip(row, logits):
+      probs = np.exp((l - l.max()) / temperature)
+      probs /= probs.sum()
+      order = np.argsort(-probs)
+      nucleus = order[:np.searchsorted(np.cumsum(probs[order]), top_p) + 1]
+      assert token in nucleus
+      sizes.append(len(nucleus))
+  assert max(sizes) > 1  # The nucleus was not trivially the argmax.
+
+
+def _unique_tail(greedy, width):
+  """(row, step) where greedy[row][step-width+1 : step+1] occurs neither earlier in that row nor
+  anywhere in the other rows, so it can serve as a stop sequence (or EOS, width 1) for that row
+  alone."""
+  for r, row in enumerate(greedy):
+    for s in range(max(width - 1, 1), len(row) - 1):
+      seq = row[s - width + 1:s + 1]
+      earlier = [tuple(row[j:j + width]) for j in range(s - width + 1)]
+      others = [tuple(o[j:j + width]) for i, o in enumerate(greedy) if i != r
+                for j in range(len(o) - width + 1)]
+      if tuple(seq) not in earlier + others:
+        return r, s
+  raise AssertionError(f'no unique {width}-token tail in {greedy}')
+
+
+def test_eos_stops_one_row_and_is_not_returned(small):
+  greedy = small[3]
+  r, s = _unique_tail(greedy, 1)
+  eos = greedy[r][s]
+  out = _sample(small, eos_id=eos)
+  assert out[r] == greedy[r][:s]  # Cut before EOS.
+  assert eos not in out[r]
+  for i in range(len(greedy)):
+    if i != r:
+      assert out[i] == greedy[i]  # The others go on to max_new_tokens.
+
+
+def test_eos_as_first_token_gives_empty_completion(small):
+  greedy = small[3]
+  r = next(i for i, row in enumerate(greedy)
+           if all(row[0] not in o for j, o in enumerate(greedy) if j != i))
+  out = _sample(small, eos_id=greedy[r][0])
+  assert out[r] == []
+  assert [o for i, o in enumerate(out) if i != r] == [g for i, g in enumerate(greedy) if i != r]
+
+
+def test_stop_sequence_ends_a_row_early(small):
+  greedy = small[3]
+  r, s = _unique_tail(greedy, 2)
+  stop = tuple(greedy[r][s - 1:s + 1])
+  out = _sample(small, stop_sequences=(stop,))
+  assert out[r] == greedy[r][:s + 1]  # The stop tokens are kept; callers cut text at stop strings.
+  for i in range(len(greedy)):
+    if i != r:
+      assert out[i] == greedy[i]
+
+
+def test_loop_ends_when_every_row_is_done(small, recorded_logits):
+  greedy = small[3]
+  stops = tuple((row[1], row[2]) for row in greedy)
+  out = _sample(small, stop_sequences=stops)
+  for row, g in zip(out, greedy):
+    # Ends at the first occurrence of any row's stop pair (in practice its own, at step 2).
+    ends = [j for j in range(1, len(g)) if (g[j - 1], g[j]) in stops]
+    assert row == g[:ends[0] + 1]
+  assert len(recorded_logits) == max(len(row) for row in out) < N_SAMPLE
+
+
+# ---- Several processes. ----------------------------------------------------------------------------
+
+_TWO_PROCESS_SCRIPT = textwrap.dedent("""
+    import dataclasses, json, sys
+    import jax
+    jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                               process_id=int(sys.argv[2]))
+    import jax.numpy as jnp
+    from gemma_sft_jax import model as model_lib, sampler, sharding
+    config = dataclasses.replace(model_lib.VARIANTS['tiny_gemma3'], num_layers=2,
+                                 layer_types=(model_lib.SLIDING, model_lib.GLOBAL))
+    model = model_lib.Transformer(config)
+    mesh = sharding.make_mesh(data=2, fsdp=1, tensor=1)  # One CPU device per process.
+    params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
+    params = jax.device_put(params, sharding.replicated(mesh))
+    out = sampler.generate(model, params, json.loads(sys.argv[3]), eos_id=-1,
+                           sampling=sampler.SamplingParams(max_new_tokens=6),
+                           batch_sharding=sharding.batch_sharding(mesh))
+    print('OUT', json.dumps(out))
+""")
+
+
+def test_rows_split_over_two_processes(tmp_path):
+  """Evaluation on a pod splits the batch over hosts; every process must get every row back."""
+  config = SMALL
+  model = model_lib.Transformer(config)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
+  prompts = _prompts(config, lengths=(4, 9, 2, 6), seed=2)
+  want = sampler.generate(model, params, prompts, eos_id=-1,
+                          sampling=sampler.SamplingParams(max_new_tokens=6))
+  script = tmp_path / 'two_processes.py'
+  script.write_text(_TWO_PROCESS_SCRIPT)
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    port = sock.getsockname()[1]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(filter(None, [root, env.get(
+      'PYTHONPATH')])))
+  procs = [subprocess.Popen([sys.executable, str(script), f'localhost:{port}', str(i),
+                             json.dumps(prompts)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  for i, proc in enumerate(procs):
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, f'process {i}:\n{out[-3000:]}'
+    lines = [l for l in out.splitlines() if l.startswith('OUT ')]
+    assert lines and json.loads(lines[-1][4:]) == want, f'process {i}:\n{out[-3000:]}'
