@@ -15,6 +15,7 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from gemma_sft_jax import evaluate
@@ -38,6 +39,8 @@ def _evaluate(config, workdir, use_base):
   label = 'base' if use_base else 'sft'
   result = runner.run_gsm8k_eval(config, setup, params, out_dir=workdir, label=label, mesh=mesh)
   path = os.path.join(workdir, f'eval_{label}_{runner.prompt_spec(config).name}.json')
+  if jax.process_index() != 0:
+    return
   with open(path, 'w') as f:
     json.dump(result, f, indent=2)
   print(evaluate.format_table({label: result}))

@@ -158,7 +158,8 @@ def load_trained(config: ml_collections.ConfigDict, adapter_dir: str, *,
     for k, v in meta['lora'].items():
       config.lora[k] = v
   setup = train_lib.model_setup(config, with_lora=method == 'lora', mesh=mesh)
-  params = train_lib.init_params(setup, mesh=mesh, seed=0)
+  # Same seed as training: a random-init base must be the one the weights were trained on.
+  params = train_lib.init_params(setup, mesh=mesh, seed=config.train.seed)
   trainable, frozen = lora.split(params, method)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           trainable)
