@@ -279,11 +279,6 @@ def load_config(checkpoint: str) -> model_lib.ModelConfig:
   return model_lib.ModelConfig.from_hf_dir(path)
 
 
-def tokenizer_name(checkpoint: str) -> str:
-  """What `tokenizer.load_tokenizer` needs for a checkpoint's own tokenizer."""
-  return resolve(checkpoint)
-
-
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
   out = {}
   for k, v in tree.items():

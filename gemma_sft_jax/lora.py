@@ -60,10 +60,6 @@ def join(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def spec_from_config(*, rank: int, alpha: float, dropout: float, targets: str) -> model_lib.LoraSpec:
-  return model_lib.LoraSpec(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
-
-
 def merge_weights(params: dict[str, Any], spec: model_lib.LoraSpec) -> dict[str, Any]:
   """Folds every adapter into its kernel, W + (alpha/R)·A·B, and drops the adapter leaves.
 

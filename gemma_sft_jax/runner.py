@@ -64,12 +64,8 @@ def exit_on_bad_input(fn: Callable[..., Any], *args, **kwargs) -> Any:
 
 
 def _write_json(path: str, obj: Any) -> None:
-  if jax.process_index() != 0:
-    return
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+  if jax.process_index() == 0:
+    train_lib.write_json(path, obj)
 
 
 def prompt_spec(config: ml_collections.ConfigDict, strategy: str | None = None) -> evaluate.PromptSpec:

