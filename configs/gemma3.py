@@ -40,7 +40,8 @@ def get_config(arg=None):
   c.train.steps = 225  # 3 epochs of GSM8K main train: 7473 examples pack into ~2,394 rows of 512.
   c.optim.warmup_steps = 30
   if args.method == 'full':
-    c.optim.lr, c.optim.min_lr = 1e-4, 1e-5
+    # Measured on the 270M (results/runs/sweep): 3e-5 -> 6.4%, 1e-4 -> 8.3%, 2e-4 -> 9.3% 0-shot.
+    c.optim.lr, c.optim.min_lr = 2e-4, 2e-5
     c.optim.weight_decay = 0.01
   else:
     c.lora.rank, c.lora.alpha = 16, 32.0

@@ -56,6 +56,7 @@ def _decode(config):
   mesh = sharding.make_mesh(**config.mesh)
   setup, params = (runner.load_trained(config, _ADAPTER.value, mesh=mesh) if _ADAPTER.value else
                    runner.base_params(config, mesh=mesh))
+  setup, params = runner.for_decoding(setup, params)
   tok = setup.tokenizer
   d = config.decode
   sampling = sampler.SamplingParams(max_new_tokens=d.max_new_tokens, temperature=d.temperature,
