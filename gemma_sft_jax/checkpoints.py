@@ -324,6 +324,14 @@ def load_params(checkpoint: str, *, config: model_lib.ModelConfig, shapes: Any,
   want = {k: v for k, v in _flatten(shapes).items() if not k.rsplit('/', 1)[-1].startswith('lora_')}
   flat_shardings = (_flatten(shardings) if shardings is not None else
                     dict.fromkeys(want, jax.sharding.SingleDeviceSharding(jax.local_devices()[0])))
+  # Scanned layers (model.scan_layers): 'layers/x' [L, ...] is stacked from the checkpoint's
+  # per-layer tensors, which are matched as 'layer_{i}/x' and kept as host views until then.
+  stacked = {k: v for k, v in want.items() if k.startswith('layers/')}
+  for k, v in stacked.items():
+    del want[k]
+    for i in range(v.shape[0]):
+      want[f'layer_{i}/{k[len("layers/"):]}'] = jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
+  views: dict[str, Any] = {}
   out: dict[str, Any] = {}
   for file, key, array in tensors:
     mapped = hf_to_path(key)
@@ -344,11 +352,20 @@ def load_params(checkpoint: str, *, config: model_lib.ModelConfig, shapes: Any,
       raise CheckpointError(f'{file}: tensor {key!r} has shape {tuple(array.shape)}, expected one '
                             f'that maps to {tuple(spec.shape)} for {ours}')
     dtype = spec.dtype
+    if ours.startswith('layer_') and f'layers/{ours.split("/", 1)[1]}' in stacked:
+      views[ours] = view
+      continue
     out[ours] = jax.make_array_from_callback(
         spec.shape, flat_shardings[ours],
         lambda idx, view=view, dtype=dtype: np.asarray(view[idx]).astype(dtype))
-  missing = sorted(set(want) - set(out))
+  missing = sorted(set(want) - set(out) - set(views))
   if missing:
     raise CheckpointError(f'{path}: missing tensor {path_to_hf(missing[0])!r} (for {missing[0]})'
                           + (f' and {len(missing) - 1} more' if len(missing) > 1 else ''))
+  for k, v in stacked.items():
+    parts = [views.pop(f'layer_{i}/{k[len("layers/"):]}') for i in range(v.shape[0])]
+
+    def layers_slice(idx, parts=parts, dtype=v.dtype):
+      return np.stack([np.asarray(p[idx[1:]]).astype(dtype) for p in parts[idx[0]]])
+    out[k] = jax.make_array_from_callback(v.shape, flat_shardings[k], layers_slice)
   return _unflatten(out)

@@ -9,6 +9,8 @@ Fields (DESIGN.md's contract):
   model.variant       a named variant (see `model.VARIANTS`) used for random init / shape checks
   model.dtype         activation dtype, 'float32' | 'bfloat16'
   model.param_dtype   dtype of the stored (base) parameters, 'float32' | 'bfloat16'
+  model.remat         activation rematerialisation, 'none' | 'full' | 'dots'
+  model.scan_layers   one nn.scan over the layers (stacked params; compile time independent of depth)
   tuning_method       'full' | 'lora'
   lora.*              rank, alpha, dropout, targets (regex over parameter paths)
   data.*              source (hub id or local dir), subset ('main' | 'socratic'), packing, ...
@@ -37,6 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'
   c.model.param_dtype = 'float32'
   c.model.remat = 'none'  # 'none' | 'full' | 'dots'
+  # One nn.scan over the layers (stacked 'layers/...' params): compile time independent of depth.
+  c.model.scan_layers = False
   # Dtype of the vocab-chunk logits matmul in the loss: bfloat16 keeps its backward in bf16
   # (twice as fast on H100); softmax statistics are fp32 either way.
   c.model.logits_dtype = 'float32'

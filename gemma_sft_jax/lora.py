@@ -8,6 +8,7 @@ and folds adapters into the kernels for export or merged decoding.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -70,7 +71,10 @@ def merge_weights(params: dict[str, Any], spec: model_lib.LoraSpec) -> dict[str,
       return node
     if 'lora_a' in node:
       kernel, a, b = node['kernel'], node['lora_a'], node['lora_b']
-      delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+      product = functools.partial(jnp.tensordot, axes=1)
+      if kernel.ndim == a.ndim + b.ndim - 3:  # Scanned layers: A, B and W share a leading [L].
+        product = jax.vmap(product)
+      delta = product(a.astype(jnp.float32), b.astype(jnp.float32))
       merged = kernel.astype(jnp.float32) + (spec.alpha / spec.rank) * delta
       return {**{k: v for k, v in node.items() if k not in ADAPTER_LEAVES},
               'kernel': merged.astype(kernel.dtype)}

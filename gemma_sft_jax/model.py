@@ -23,6 +23,9 @@ LoRA adds `lora_a` [D, R] and `lora_b` [R, ...out] beside a targeted `kernel` (s
 Attention masks are built from per-token `positions` and `segment_ids` (0 = padding), so the same
 code serves packed training rows (segments never see each other) and the KV-cached sampler.
 The KV cache is an explicit pytree passed in and returned: {'layer_i': {'k', 'v', 'pos', 'seg'}}.
+
+With `scan_layers=True` the layers are one `nn.scan`: every `layer_{i}/...` leaf above becomes
+`layers/...` with a leading [L] axis (and the cache {'layers': {...}} likewise).
 """
 
 from __future__ import annotations
@@ -333,7 +336,7 @@ def attention_mask(q_pos: Array, q_seg: Array, k_pos: Array, k_seg: Array,
 
 class Attention(nn.Module):
   config: ModelConfig
-  layer_type: str
+  layer_type: str | None  # None: scanned layers; the per-layer `local` flag arrives as data.
   dtype: Any
   param_dtype: Any
   lora: dict[str, int]  # projection name -> LoRA rank (0 = none)
@@ -346,7 +349,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array,
                cache: dict[str, Array] | None, cache_index: Array | None,
-               deterministic: bool) -> tuple[Array, dict[str, Array] | None]:
+               deterministic: bool, local: Array | None = None
+               ) -> tuple[Array, dict[str, Array] | None]:
     c = self.config
     n, k, h, d = c.num_heads, c.num_kv_heads, c.head_dim, c.embed_dim
     q = self._proj('q_proj', 'BTD,DNH->BTNH', (d, n, h))(x, deterministic)
@@ -355,9 +359,13 @@ class Attention(nn.Module):
     if c.use_qk_norm:
       q = RMSNorm(c.rms_norm_eps, self.param_dtype, name='query_norm')(q)
       key = RMSNorm(c.rms_norm_eps, self.param_dtype, name='key_norm')(key)
-    local = self.layer_type == SLIDING
-    base = c.rope_base_local if local else c.rope_base_global
-    scale = c.rope_scale_local if local else c.rope_scale_global
+    if self.layer_type is not None:
+      local = self.layer_type == SLIDING
+    # A traced `local` selects per layer; a Python bool picks the constants directly.
+    select = (lambda a, b: a if local else b) if isinstance(local, bool) else (
+        lambda a, b: jnp.where(local, jnp.float32(a), jnp.float32(b)))
+    base = select(c.rope_base_local, c.rope_base_global)
+    scale = select(c.rope_scale_local, c.rope_scale_global)
     q = rope(q, positions, base, scale)
     key = rope(key, positions, base, scale)
 
@@ -380,7 +388,12 @@ class Attention(nn.Module):
     logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, key, preferred_element_type=jnp.float32)
     if c.attn_logit_softcap is not None:
       logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-    mask = attention_mask(positions, segment_ids, k_pos, k_seg, c.sliding_window if local else None)
+    if isinstance(local, bool) or c.sliding_window is None:
+      window = c.sliding_window if local is True else None
+      mask = attention_mask(positions, segment_ids, k_pos, k_seg, window)
+    else:
+      full = attention_mask(positions, segment_ids, k_pos, k_seg, None)
+      mask = full & (~local | (positions[:, :, None] - k_pos[:, None, :] < c.sliding_window))
     logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, val).reshape(*x.shape[:2], n, h)
@@ -410,27 +423,35 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One decoder layer: pre/post-normed attention and MLP, each with a residual."""
+  """One decoder layer: pre/post-normed attention and MLP, each with a residual.
+
+  The call signature is the body of `nn.scan`: (carry x, per-layer (local flag, cache), broadcast
+  arguments...) -> (x, new cache). Unrolled layers pass local=None and know their `layer_type`.
+  """
 
   config: ModelConfig
-  layer_type: str
+  layer_type: str | None
   dtype: Any
   param_dtype: Any
   attn_lora: dict[str, int]
   mlp_lora: dict[str, int]
   lora_spec: LoraSpec
+  out_sharding: Any = None  # Sharding constraint for the block's output (see Transformer).
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache, cache_index, deterministic):
+  def __call__(self, x, per_layer, positions, segment_ids, cache_index, deterministic):
+    local, cache = per_layer
     c, pd = self.config, self.param_dtype
     h = RMSNorm(c.rms_norm_eps, pd, name='pre_attention_norm')(x)
     h, new_cache = Attention(c, self.layer_type, self.dtype, pd, self.attn_lora, self.lora_spec,
                              name='attn')(h, positions, segment_ids, cache, cache_index,
-                                          deterministic)
+                                          deterministic, local)
     x = x + RMSNorm(c.rms_norm_eps, pd, name='post_attention_norm')(h)
     h = RMSNorm(c.rms_norm_eps, pd, name='pre_ffw_norm')(x)
     h = MLP(c, self.dtype, pd, self.mlp_lora, self.lora_spec, name='mlp')(h, deterministic)
     x = x + RMSNorm(c.rms_norm_eps, pd, name='post_ffw_norm')(h)
+    if self.out_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, self.out_sharding)
     return x, new_cache
 
 
@@ -451,6 +472,10 @@ class Transformer(nn.Module):
   # Optional sharding for [B, T, D] activations, applied at block boundaries so XLA keeps the
   # batch split the way the mesh says (see sharding.activation_sharding).
   activation_sharding: Any = None
+  # One `nn.scan` over the layers: parameters (and the KV cache) are stacked under 'layers' with
+  # a leading [L] axis, and the compiled program holds one layer, not L (compile time and
+  # program size stop growing with depth). Sliding/global attention becomes per-layer data.
+  scan_layers: bool = False
 
   def _constrain(self, x: Array) -> Array:
     if self.activation_sharding is None:
@@ -468,15 +493,29 @@ class Transformer(nn.Module):
       if self.remat not in _REMAT_POLICIES:
         raise ValueError(f"model.remat: {self.remat!r} is not one of 'none', 'full', 'dots'")
       block = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], static_argnums=(6,))
-    layers = []
-    for i, layer_type in enumerate(c.layer_types):
-      attn_lora = {p: self.lora.rank_for(f'layer_{i}/attn/{p}/kernel')
-                   for p in ('q_proj', 'k_proj', 'v_proj', 'o_proj')}
-      mlp_lora = {p: self.lora.rank_for(f'layer_{i}/mlp/{p}/kernel')
-                  for p in ('gate_proj', 'up_proj', 'down_proj')}
-      layers.append(block(c, layer_type, self.dtype, self.param_dtype, attn_lora, mlp_lora,
-                          self.lora, name=f'layer_{i}'))
-    self.layers = layers
+
+    def ranks(i):
+      return ({p: self.lora.rank_for(f'layer_{i}/attn/{p}/kernel')
+               for p in ('q_proj', 'k_proj', 'v_proj', 'o_proj')},
+              {p: self.lora.rank_for(f'layer_{i}/mlp/{p}/kernel')
+               for p in ('gate_proj', 'up_proj', 'down_proj')})
+
+    if self.scan_layers:
+      per_layer = [ranks(i) for i in range(c.num_layers)]
+      if any(r != per_layer[0] for r in per_layer):
+        raise ValueError(f'lora.targets={self.lora.targets!r} adapts different projections in '
+                         'different layers; scanned layers share one structure (set '
+                         'model.scan_layers=False)')
+      scanned = nn.scan(block, variable_axes={'params': 0},
+                        split_rngs={'params': True, 'dropout': True},
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=c.num_layers)
+      self.layers = scanned(c, None, self.dtype, self.param_dtype, *per_layer[0], self.lora,
+                            self.activation_sharding, name='layers')
+    else:
+      self.layers = [block(c, layer_type, self.dtype, self.param_dtype, *ranks(i), self.lora,
+                           self.activation_sharding, name=f'layer_{i}')
+                     for i, layer_type in enumerate(c.layer_types)]
     self.final_norm = RMSNorm(c.rms_norm_eps, self.param_dtype, name='final_norm')
 
   def __call__(self, tokens: Array, positions: Array | None = None,
@@ -507,12 +546,18 @@ class Transformer(nn.Module):
     x = self.embedder(tokens)
     x = self._constrain(x * jnp.asarray(math.sqrt(self.config.embed_dim), x.dtype))
     new_cache = {} if cache is not None else None
-    for i, layer in enumerate(self.layers):
-      layer_cache = cache[f'layer_{i}'] if cache is not None else None
-      x, c = layer(x, positions, segment_ids, layer_cache, cache_index, deterministic)
-      x = self._constrain(x)
+    if self.scan_layers:
+      local = jnp.asarray([t == SLIDING for t in self.config.layer_types])
+      x, stacked = self.layers(x, (local, cache['layers'] if cache is not None else None),
+                               positions, segment_ids, cache_index, deterministic)
       if cache is not None:
-        new_cache[f'layer_{i}'] = c
+        new_cache['layers'] = stacked
+    else:
+      for i, layer in enumerate(self.layers):
+        layer_cache = cache[f'layer_{i}'] if cache is not None else None
+        x, c = layer(x, (None, layer_cache), positions, segment_ids, cache_index, deterministic)
+        if cache is not None:
+          new_cache[f'layer_{i}'] = c
     x = self.final_norm(x)
     if return_hidden:
       return x, new_cache
@@ -532,12 +577,19 @@ def output_logits(hidden: Array, embedding: Array, softcap: float | None) -> Arr
   return logits
 
 
-def init_cache(config: ModelConfig, batch_size: int, length: int, dtype: Any = jnp.bfloat16) -> Cache:
-  """An empty KV cache of `length` slots per layer (segment id 0 marks a slot as empty)."""
-  k_shape = (batch_size, length, config.num_kv_heads, config.head_dim)
+def init_cache(config: ModelConfig, batch_size: int, length: int, dtype: Any = jnp.bfloat16, *,
+               stacked: bool = False) -> Cache:
+  """An empty KV cache of `length` slots per layer (segment id 0 marks a slot as empty).
+
+  `stacked` (for scan_layers models): one {'layers': ...} entry with a leading [L] axis.
+  """
+  lead = (config.num_layers,) if stacked else ()
+  k_shape = (*lead, batch_size, length, config.num_kv_heads, config.head_dim)
   layer = lambda: {'k': jnp.zeros(k_shape, dtype), 'v': jnp.zeros(k_shape, dtype),
-                   'pos': jnp.zeros((batch_size, length), jnp.int32),
-                   'seg': jnp.zeros((batch_size, length), jnp.int32)}
+                   'pos': jnp.zeros((*lead, batch_size, length), jnp.int32),
+                   'seg': jnp.zeros((*lead, batch_size, length), jnp.int32)}
+  if stacked:
+    return {'layers': layer()}
   return {f'layer_{i}': layer() for i in range(config.num_layers)}
 
 

@@ -70,9 +70,9 @@ def accuracy_table(runs: Sequence[dict[str, Any]]) -> str:
 
 
 def training_table(runs: Sequence[dict[str, Any]]) -> str:
-  lines = ['| run | method | trainable params | total params | steps | final loss | '
-           'median tokens/s | median MFU | peak GiB |',
-           '|---|---|---|---|---|---|---|---|---|']
+  lines = ['| run | method | trainable params | total params | optimizer state | steps | '
+           'final loss | median tokens/s | median step s | median MFU | peak GiB | train wall s |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for run in runs:
     t, m = run.get('train'), run['metrics']
     if not t or not m:
@@ -80,11 +80,19 @@ def training_table(runs: Sequence[dict[str, Any]]) -> str:
     tps = _median([r.get('tokens_per_s') for r in m[1:]] or [None])
     mfu = _median([r.get('mfu') for r in m[1:]] or [None])
     mem = max((r.get('peak_memory_gib') or 0) for r in m)
+    opt = t.get('optimizer_state_bytes')
+    step_s = t['tokens_per_step'] / tps if tps and t.get('tokens_per_step') else None
+    wall = t.get('train_seconds')
+    if wall is not None and t.get('steps_run') not in (None, t['step']):
+      wall = f"{wall:.0f} ({t['steps_run']} steps, resumed)"
+    elif wall is not None:
+      wall = f'{wall:.0f}'
     lines.append(
         f"| {run['name']} | {t.get('tuning_method', '?')} | {t['trainable_params']:,} | "
-        f"{t['total_params']:,} | {t['step']} | {t['final_loss']:.3f} | "
-        f"{'' if tps is None else f'{tps:,.0f}'} | {'' if mfu is None else f'{100 * mfu:.1f}%'} | "
-        f"{mem:.1f} |")
+        f"{t['total_params']:,} | {'—' if opt is None else f'{opt / 2 ** 20:,.1f} MiB'} | "
+        f"{t['step']} | {t['final_loss']:.3f} | {'' if tps is None else f'{tps:,.0f}'} | "
+        f"{'—' if step_s is None else f'{step_s:.3f}'} | "
+        f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {mem:.1f} | {wall or '—'} |")
   return '\n'.join(lines)
 
 

@@ -136,8 +136,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summary = train_lib.train(config, workdir, on_ready=on_ready)
   if summary.get('preempted'):
     return results
-  results['train'] = {k: summary[k] for k in ('step', 'final_loss', 'trainable_params',
-                                              'total_params', 'first_step_seconds')}
+  results['train'] = {k: summary[k] for k in (
+      'step', 'final_loss', 'trainable_params', 'total_params', 'first_step_seconds',
+      'train_seconds', 'steps_run', 'tokens_per_step', 'optimizer_state_bytes')}
   results['train']['tuning_method'] = config.tuning_method
   if config.eval.run_sft:
     params = lora.join(summary['frozen'], summary['state']['params'])

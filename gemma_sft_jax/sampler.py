@@ -74,7 +74,8 @@ def _generate(model: model_lib.Transformer, params: Any, tokens: jax.Array, segm
   p = params_spec
   b, length = tokens.shape
   positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0).astype(jnp.int32)
-  cache = model_lib.init_cache(model.config, b, length + p.max_new_tokens, model.dtype)
+  cache = model_lib.init_cache(model.config, b, length + p.max_new_tokens, model.dtype,
+                               stacked=model.scan_layers)
   hidden, cache = model.apply({'params': params}, tokens, positions, segment_ids, cache=cache,
                               cache_index=0, return_hidden=True)
   embedding = params['embedder']['embedding']

@@ -80,6 +80,7 @@ def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
   model = model_lib.Transformer(
       model_config, dtype=dtype_of(c.dtype, 'model.dtype'),
       param_dtype=dtype_of(c.param_dtype, 'model.param_dtype'), lora=spec, remat=c.remat,
+      scan_layers=c.scan_layers,
       activation_sharding=sharding.activation_sharding(mesh) if mesh is not None else None)
   return Setup(model, model_config, tokenizer, checkpoint)
 
@@ -229,6 +230,23 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def _logged_loss(workdir: str, *, upto: int) -> float:
+  """The loss of the last metrics.jsonl row at or before step `upto` (NaN if there is none)."""
+  loss = math.nan
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return loss
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # A line cut short by a kill.
+      if isinstance(row, dict) and row.get('step', upto + 1) <= upto and 'loss' in row:
+        loss = float(row['loss'])
+  return loss
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           on_ready: Callable[[Setup, Any], None] | None = None) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint if there is one.
@@ -308,7 +326,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   steps = config.train.steps
   progress = metrics_lib.ProgressBar(total=steps, initial=start, enabled=is_main)
   t_window, tokens_window, first_step_time = time.time(), 0, None
-  last_loss = math.nan
+  loop_start = time.time()
+  # A rerun after the last step trains nothing; its final loss is the one already logged.
+  last_loss = _logged_loss(workdir, upto=start)
   with checkpointing.PreemptionGuard() as guard:
     for step in range(start, steps):
       batch = data_lib.to_global_array(next(batches), batch_sharding)
@@ -366,4 +386,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     write_json(os.path.join(workdir, 'final.json'), meta)
   return {'step': steps, 'final_loss': last_loss, 'final_dir': final_dir,
           'trainable_params': n_trainable, 'total_params': n_total,
-          'first_step_seconds': first_step_time, 'state': state, 'frozen': frozen, 'setup': setup}
+          'first_step_seconds': first_step_time,
+          # This process's training loop (a resumed run counts only the steps it ran).
+          'train_seconds': time.time() - loop_start, 'steps_run': steps - start,
+          'tokens_per_step': config.train.batch_size * config.train.seq_len,
+          'optimizer_state_bytes': optimizer_lib.state_bytes(state['params'],
+                                                             config.optim.state_dtype),
+          'state': state, 'frozen': frozen, 'setup': setup}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gemma_sft_jax import checkpoints
+from gemma_sft_jax import lora
 from gemma_sft_jax import model as model_lib
 from tests.conftest import write_hf_checkpoint
 
@@ -135,6 +136,78 @@ def test_remat_gives_same_gradients():
   ref = grads('none')
   for remat in ('full', 'dots'):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, grads(remat))
+
+
+def _stack(params, num_layers):
+  """The unrolled tree's layer_{i} subtrees stacked under 'layers' (the scan_layers layout)."""
+  out = {k: v for k, v in params.items() if not k.startswith('layer_')}
+  out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                               *[params[f'layer_{i}'] for i in range(num_layers)])
+  return out
+
+
+@pytest.mark.parametrize('name', ['gemma2_kv3', 'gemma3_kv3_scaled'])
+def test_scanned_layers_match_unrolled(tmp_path, name):
+  """scan_layers: the checkpoint loads stacked (bitwise the unrolled load, stacked); logits,
+  gradients, LoRA adapters and KV-cached decoding match the unrolled model."""
+  config = _TINY[name]
+  write_hf_checkpoint(tmp_path, config.to_hf_dict())
+  unrolled = model_lib.Transformer(config)
+  scanned = model_lib.Transformer(config, scan_layers=True, remat='dots')
+  p_unrolled = checkpoints.load_params(str(tmp_path), config=config,
+                                       shapes=model_lib.param_shapes(unrolled))
+  p_scanned = checkpoints.load_params(str(tmp_path), config=config,
+                                      shapes=model_lib.param_shapes(scanned))
+  assert p_scanned['layers']['attn']['q_proj']['kernel'].shape[0] == config.num_layers
+  stacked = _stack(p_unrolled, config.num_layers)
+  assert jax.tree.structure(p_scanned) == jax.tree.structure(stacked)
+  jax.tree.map(np.testing.assert_array_equal, p_scanned, stacked)
+
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, size=(2, SEQ)))
+  ref, _ = unrolled.apply({'params': p_unrolled}, tokens)
+  got, _ = scanned.apply({'params': p_scanned}, tokens)
+  np.testing.assert_allclose(got, ref, atol=2e-5)
+  loss = lambda m: lambda p: m.apply({'params': p}, tokens)[0].std()
+  g_ref = _stack(jax.grad(loss(unrolled))(p_unrolled), config.num_layers)
+  g_got = jax.grad(loss(scanned))(p_scanned)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), g_got, g_ref)
+
+  # LoRA on a subset of projections: the same adapters, stacked, give the same logits, and
+  # merging folds each layer's adapter into its own slice of the stacked kernel.
+  spec = model_lib.LoraSpec(rank=3, alpha=6.0, targets=r'.*/(q_proj|o_proj|up_proj)/kernel')
+  lora_u = model_lib.Transformer(config, lora=spec)
+  lora_s = model_lib.Transformer(config, lora=spec, scan_layers=True)
+  adapters, _ = lora.split(lora_u.init(jax.random.key(1), tokens)['params'], 'lora')
+  adapters = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.05 if 'lora_b' in jax.tree_util.keystr(p) else x, adapters)
+  with_u = lora.join(p_unrolled, adapters)  # Base weights from the checkpoint, adapters from init.
+  with_s = _stack(with_u, config.num_layers)
+  assert jax.tree.structure(with_s) == jax.tree.structure(model_lib.param_shapes(lora_s))
+  ref, _ = lora_u.apply({'params': with_u}, tokens)
+  np.testing.assert_allclose(lora_s.apply({'params': with_s}, tokens)[0], ref, atol=2e-5)
+  assert np.abs(ref - unrolled.apply({'params': p_unrolled}, tokens)[0]).max() > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               lora.merge_weights(with_s, spec),
+               _stack(lora.merge_weights(with_u, spec), config.num_layers))
+
+  # Prefill + single-token steps through the stacked KV cache give the full forward's logits.
+  full, _ = scanned.apply({'params': p_scanned}, tokens)
+  cache = model_lib.init_cache(config, 2, SEQ, jnp.float32, stacked=True)
+  logits, cache = scanned.apply({'params': p_scanned}, tokens[:, :9], cache=cache, cache_index=0)
+  steps = [logits]
+  for t in range(9, SEQ):
+    pos = jnp.full((2, 1), t, jnp.int32)
+    logits, cache = scanned.apply({'params': p_scanned}, tokens[:, t:t + 1], pos, cache=cache,
+                                  cache_index=t)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4)
+
+
+def test_scanned_layers_refuse_layer_specific_lora_targets():
+  config = model_lib.VARIANTS['tiny_gemma2']
+  spec = model_lib.LoraSpec(rank=2, alpha=4.0, targets=r'layer_0/attn/q_proj/kernel')
+  with pytest.raises(ValueError, match='scan_layers'):
+    model_lib.param_shapes(model_lib.Transformer(config, lora=spec, scan_layers=True))
 
 
 def _hf_param_count(config):

@@ -8,6 +8,7 @@ with XLA_FLAGS set before JAX starts; the 1-device references run in this proces
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -37,6 +38,9 @@ SHARDABLE = dataclasses.replace(
     model_lib.VARIANTS['tiny_gemma3'], vocab_size=264, embed_dim=64, hidden_dim=96, num_layers=1,
     num_heads=4, num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16.0,
     layer_types=(model_lib.GLOBAL,))
+# For scanned layers (model.scan_layers): two layers, sliding (window 7 < seq_len) then global.
+SHARDABLE_2 = dataclasses.replace(SHARDABLE, num_layers=2,
+                                  layer_types=(model_lib.SLIDING, model_lib.GLOBAL))
 
 
 def _tiny_config(method: str = 'full', **overrides):
@@ -89,11 +93,13 @@ def _assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]):
 def _setup(config, *, with_lora: bool, mesh) -> train_lib.Setup:
   """The config's Setup (tokenizer, LoRA spec, dtypes) with the SHARDABLE architecture."""
   setup = train_lib.model_setup(config, with_lora=with_lora, mesh=mesh)
-  return dataclasses.replace(setup, model=setup.model.clone(config=SHARDABLE), config=SHARDABLE)
+  arch = SHARDABLE_2 if config.model.scan_layers else SHARDABLE
+  return dataclasses.replace(setup, model=setup.model.clone(config=arch), config=arch)
 
 
 def _train_steps(*, method: str, mesh: dict[str, int], state_dtype: str = 'float32',
-                 grad_accum: int = 1, steps: int = STEPS) -> dict[str, np.ndarray]:
+                 grad_accum: int = 1, steps: int = STEPS, scan: bool = False
+                 ) -> dict[str, np.ndarray]:
   """`steps` updates of train.build's jitted step on the tiny config's first real batches.
 
   Returns flat arrays: 'loss' per step, and 'init/', 'params/' (trainable before / after),
@@ -103,7 +109,7 @@ def _train_steps(*, method: str, mesh: dict[str, int], state_dtype: str = 'float
   config = _tiny_config(method, **{
       'train.batch_size': BATCH, 'optim.state_dtype': state_dtype, 'optim.grad_accum': grad_accum,
       'mesh.data': mesh.get('data', 1), 'mesh.fsdp': mesh.get('fsdp', 1),
-      'mesh.tensor': mesh.get('tensor', 1)})
+      'mesh.tensor': mesh.get('tensor', 1), 'model.scan_layers': scan})
   n = config.mesh.data * config.mesh.fsdp * config.mesh.tensor
   device_mesh = sharding.make_mesh(**config.mesh, devices=jax.devices()[:n])
   setup = _setup(config, with_lora=method == 'lora', mesh=device_mesh)
@@ -142,6 +148,9 @@ _MESH_RUNS = {
     'lora_d2f2t2': dict(method='lora', mesh=dict(data=2, fsdp=2, tensor=2)),
     'lora_f8': dict(method='lora', mesh=dict(fsdp=8)),
     'int8_d2f2t2': dict(method='full', mesh=dict(data=2, fsdp=2, tensor=2), state_dtype='int8'),
+    # Scanned layers: stacked [L, ...] params, the leading axis unsharded, the rest by the rules.
+    'scanfull_d2f2t2': dict(method='full', mesh=dict(data=2, fsdp=2, tensor=2), scan=True),
+    'scanlora_f8': dict(method='lora', mesh=dict(fsdp=8), scan=True),
 }
 
 _MESH_SCRIPT = """
@@ -182,7 +191,8 @@ def one_device_runs():
 
 
 _REFERENCES = {'full': dict(method='full'), 'lora': dict(method='lora'),
-               'int8': dict(method='full', state_dtype='int8')}
+               'int8': dict(method='full', state_dtype='int8'),
+               'scanfull': dict(method='full', scan=True), 'scanlora': dict(method='lora', scan=True)}
 
 
 def test_meshes_match_one_device(tmp_path, env, one_device_runs):
@@ -202,8 +212,8 @@ def test_meshes_match_one_device(tmp_path, env, one_device_runs):
     # Every base matrix (embedding, kernels) is split over the mesh, and so are the optimizer
     # moments of every split trainable leaf; LoRA adapters are split where their rule allows.
     shards, opt_shards = _part(run, 'shards'), _part(run, 'opt_shards')
-    base_2d = [k for k, v in _part(ref, 'init' if name.startswith(('full', 'int8')) else 'frozen'
-                                   ).items() if v.ndim >= 2]
+    base_2d = [k for k, v in _part(ref, 'frozen' if 'lora' in name else 'init').items()
+               if v.ndim >= 2 and 'norm' not in k]  # Stacked norm scales are [L, D], replicated.
     assert base_2d and all(shards[k] > 1 for k in base_2d), (name, shards)
     split_trainable = [k for k in _part(run, 'params') if shards[k] > 1]
     assert split_trainable, (name, shards)
@@ -490,3 +500,14 @@ def test_bad_input_exits_nonzero_with_one_line_error(tmp_path, start):
     assert rc > 0, (flags, rc, err[-2000:])
     assert last.startswith('error:') and cases[flags] in last, (flags, last)
     assert 'Traceback' not in err, (flags, err[-2000:])
+
+
+def test_rerun_after_the_last_step_reports_the_logged_final_loss(tmp_path):
+  """A rerun that finds training finished runs no step; its final loss comes from metrics.jsonl
+  (rows past the restored step, e.g. from a killed run, and a cut-off line are ignored)."""
+  assert math.isnan(train_lib._logged_loss(str(tmp_path), upto=30))  # pylint: disable=protected-access
+  rows = [{'step': 10, 'loss': 1.5}, {'step': 20, 'loss': 0.75}, {'step': 30, 'loss': 0.5}]
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.write(''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 40, "lo')
+  assert train_lib._logged_loss(str(tmp_path), upto=20) == 0.75  # pylint: disable=protected-access
+  assert train_lib._logged_loss(str(tmp_path), upto=30) == 0.5  # pylint: disable=protected-access
