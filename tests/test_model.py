@@ -105,6 +105,18 @@ def test_causal_and_segments():
   np.testing.assert_allclose(packed[:, 5:], second, atol=1e-5)
 
 
+def _decode_stepwise(model, params, tokens, cache, *, prefill):
+  """Logits of a `prefill`-token prefill then one-token steps through the KV cache: [B, T, V]."""
+  logits, cache = model.apply({'params': params}, tokens[:, :prefill], cache=cache, cache_index=0)
+  steps = [logits]
+  for t in range(prefill, tokens.shape[1]):
+    pos = jnp.full((tokens.shape[0], 1), t, jnp.int32)
+    logits, cache = model.apply({'params': params}, tokens[:, t:t + 1], pos, cache=cache,
+                                cache_index=t)
+    steps.append(logits)
+  return jnp.concatenate(steps, axis=1)
+
+
 def test_cache_matches_full_forward():
   """Prefill + one-token steps through the explicit KV cache give the full forward's logits."""
   for name in ('tiny_gemma2', 'tiny_gemma3'):
@@ -114,14 +126,8 @@ def test_cache_matches_full_forward():
     params = model.init(jax.random.key(0), tokens)['params']
     full, _ = model.apply({'params': params}, tokens)
     cache = model_lib.init_cache(config, 2, 16, jnp.float32)
-    logits, cache = model.apply({'params': params}, tokens[:, :6], cache=cache, cache_index=0)
-    steps = [logits]
-    for t in range(6, 15):
-      pos = jnp.full((2, 1), t, jnp.int32)
-      logits, cache = model.apply({'params': params}, tokens[:, t:t + 1], pos, cache=cache,
-                                  cache_index=t)
-      steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4)
+    np.testing.assert_allclose(_decode_stepwise(model, params, tokens, cache, prefill=6), full,
+                               atol=1e-4)
 
 
 def test_remat_gives_same_gradients():
@@ -193,14 +199,8 @@ def test_scanned_layers_match_unrolled(tmp_path, name):
   # Prefill + single-token steps through the stacked KV cache give the full forward's logits.
   full, _ = scanned.apply({'params': p_scanned}, tokens)
   cache = model_lib.init_cache(config, 2, SEQ, jnp.float32, stacked=True)
-  logits, cache = scanned.apply({'params': p_scanned}, tokens[:, :9], cache=cache, cache_index=0)
-  steps = [logits]
-  for t in range(9, SEQ):
-    pos = jnp.full((2, 1), t, jnp.int32)
-    logits, cache = scanned.apply({'params': p_scanned}, tokens[:, t:t + 1], pos, cache=cache,
-                                  cache_index=t)
-    steps.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4)
+  np.testing.assert_allclose(_decode_stepwise(scanned, p_scanned, tokens, cache, prefill=9), full,
+                             atol=1e-4)
 
 
 def test_scanned_layers_refuse_layer_specific_lora_targets():

@@ -20,7 +20,8 @@ def test_report_tables_and_plots(tmp_path):
   (run / 'results.json').write_text(json.dumps({
       'base': _eval('zero_shot', 0, 0, 1), 'sft': _eval('zero_shot', 0, 7, 9),
       'train': {'step': 20, 'final_loss': 0.5, 'trainable_params': 1000, 'total_params': 1000,
-                'tuning_method': 'full'}}))
+                'tuning_method': 'full', 'tokens_per_step': 2000, 'optimizer_state_bytes': 2 ** 20,
+                'train_seconds': 12.4, 'steps_run': 20}}))
   with open(run / 'metrics.jsonl', 'w') as f:
     for step, loss in ((1, 4.0), (10, 1.0), (20, 0.5)):
       f.write(json.dumps({'step': step, 'loss': loss, 'learning_rate': 1e-4 * step,
@@ -29,7 +30,10 @@ def test_report_tables_and_plots(tmp_path):
   text = open(path).read()
   assert '| base | base | 8-shot | 100 | 1.00% | 2.00% |' in text
   assert '| full | sft | 0-shot | 100 | 7.00% | 9.00% |' in text
-  assert '| full | full | 1,000 | 1,000 | 20 | 0.500 | 20,000 | 10.0% |' in text
+  # Median tokens/s over the windows after the first (10k, 20k: the upper one); step time is
+  # tokens_per_step over it; no peak memory was logged.
+  assert ('| full | full | 1,000 | 1,000 | 1.0 MiB | 20 | 0.500 | 20,000 | 0.100 | 10.0% | 0.0 | 12 |'
+          in text)
   for png in ('loss.png', 'learning_rate.png', 'accuracy.png'):
     data = (tmp_path / 'out' / png).read_bytes()
     assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000
