@@ -171,6 +171,8 @@ def load_trained(config: ml_collections.ConfigDict, adapter_dir: str, *,
   if method == 'lora':
     for k, v in meta['lora'].items():
       config.lora[k] = v
+  # The saved tree is stacked or per-layer as trained, whatever the eval config says.
+  config.model.scan_layers = meta.get('scan_layers', False)
   setup = train_lib.model_setup(config, with_lora=method == 'lora', mesh=mesh)
   # Same seed as training: a random-init base must be the one the weights were trained on.
   params = train_lib.init_params(setup, mesh=mesh, seed=config.train.seed)

@@ -381,6 +381,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   checkpointing.save_params(final_dir, state['params'])
   meta = {'tuning_method': method, 'model_checkpoint': config.model.checkpoint,
           'model_variant': config.model.variant, 'step': steps,
+          'scan_layers': config.model.scan_layers,  # The saved tree's layout.
           'lora': dict(config.lora) if method == 'lora' else None}
   if is_main:
     write_json(os.path.join(workdir, 'final.json'), meta)

@@ -18,10 +18,10 @@ import pytest
 
 from gemma_sft_jax import data as data_lib
 from gemma_sft_jax import lora
+from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import runner
 from gemma_sft_jax import sampler
 from gemma_sft_jax import sharding
-from gemma_sft_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [
@@ -89,6 +89,9 @@ def runs(tmp_path_factory):
                    f'--output={root}/bad_out.jsonl')]
   rc, out, err = _Proc(root, 'train', 'main', f'{CONFIG},method=lora', f'--workdir={workdir}',
                        '--config.train.steps=10', '--config.optim.lr=0.05',
+                       # Trained with scanned (stacked) layers; eval and decode below run the
+                       # config's per-layer default and must follow final.json's layout.
+                       '--config.model.scan_layers=true',
                        '--config.eval.run_base=false', '--config.eval.run_sft=false').result()
   assert rc == 0, err[-3000:]
   final = os.path.join(workdir, 'final')
@@ -166,7 +169,8 @@ def test_adapters_decode_like_merged_weights(runs):
   trained, _ = lora.split(params, 'lora')
   assert max(float(np.abs(b).max()) for b in jax.tree.leaves(trained)) > 0  # B moved off zero.
   merged = lora.merge_weights(params, setup.model.lora)
-  plain = train_lib.model_setup(config, with_lora=False, mesh=mesh).model
+  assert setup.model.scan_layers and not config.model.scan_layers  # Layout from final.json.
+  plain = setup.model.clone(lora=model_lib.LoraSpec())
   assert not any(lora.is_adapter_path(p) for p in jax.tree.leaves(sharding.tree_paths(merged)))
 
   tok = setup.tokenizer
