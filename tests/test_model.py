@@ -152,7 +152,7 @@ def _stack(params, num_layers):
   return out
 
 
-@pytest.mark.parametrize('name', ['gemma3_kv3_scaled'])  # qk-norm, two RoPE bases + scaling, window
+@pytest.mark.parametrize('name', ['gemma3_kv3_scaled'])  # qk-norm, 2 RoPE bases, scaling
 def test_scanned_layers_match_unrolled(tmp_path, name):
   """scan_layers: the checkpoint loads stacked (bitwise the unrolled load, stacked); logits,
   gradients, LoRA adapters and KV-cached decoding match the unrolled model."""
