@@ -23,7 +23,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from gemma_sft_jax import model as model_lib
+from gemma_sft_jax import architecture
 
 PYPI_GEMMA3_270M = 'pypi:gemma3-270m'
 
@@ -213,7 +213,7 @@ def _gguf_tensors(file: str) -> Iterator[tuple[str, str, np.ndarray]]:
     yield file, hf.format(**m.groupdict()), array
 
 
-def gguf_model_config(file: str) -> model_lib.ModelConfig:
+def gguf_model_config(file: str) -> architecture.ModelConfig:
   """The architecture from GGUF metadata, filling in what llama.cpp fixes in code for Gemma."""
   fields = _gguf_reader(file).fields
 
@@ -248,7 +248,7 @@ def gguf_model_config(file: str) -> model_lib.ModelConfig:
   factor = get(f'{arch}.rope.scaling.factor')
   if factor:
     cfg['rope_scaling'] = {'rope_type': 'linear', 'factor': float(factor)}
-  return model_lib.ModelConfig.from_hf_dict(cfg)
+  return architecture.ModelConfig.from_hf_dict(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,12 +271,12 @@ def resolve(checkpoint: str) -> str:
       checkpoint, allow_patterns=['*.json', '*.safetensors', 'tokenizer*', '*.model'])
 
 
-def load_config(checkpoint: str) -> model_lib.ModelConfig:
+def load_config(checkpoint: str) -> architecture.ModelConfig:
   """The ModelConfig of a checkpoint (resolved with `resolve`)."""
   path = resolve(checkpoint)
   if path.endswith('.gguf'):
     return gguf_model_config(path)
-  return model_lib.ModelConfig.from_hf_dir(path)
+  return architecture.ModelConfig.from_hf_dir(path)
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -301,7 +301,7 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def load_params(checkpoint: str, *, config: model_lib.ModelConfig, shapes: Any,
+def load_params(checkpoint: str, *, config: architecture.ModelConfig, shapes: Any,
                 shardings: Any = None) -> dict[str, Any]:
   """Reads a checkpoint into our parameter tree, each tensor placed on its sharding.
 

@@ -6,7 +6,7 @@ this object; library functions take explicit keyword arguments.
 
 Fields (DESIGN.md's contract):
   model.checkpoint    hub id, local HF dir, or .gguf path; '' = random init of `model.variant`
-  model.variant       a named variant (see `model.VARIANTS`) used for random init / shape checks
+  model.variant       a named variant (see `architecture.VARIANTS`) used for random init / shape checks
   model.dtype         activation dtype, 'float32' | 'bfloat16'
   model.param_dtype   dtype of the stored (base) parameters, 'float32' | 'bfloat16'
   model.remat         activation rematerialisation, 'none' | 'full' | 'dots'

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from gemma_sft_jax import architecture
 from gemma_sft_jax import checkpointing
 from gemma_sft_jax import checkpoints
 from gemma_sft_jax import data as data_lib
@@ -49,7 +50,7 @@ def dtype_of(name: str, key: str) -> Any:
 class Setup:
   """What eval/decode need from a run's config: the model, its tokenizer, where weights come from."""
   model: model_lib.Transformer
-  config: model_lib.ModelConfig
+  config: architecture.ModelConfig
   tokenizer: Any
   checkpoint: str  # '' = random init
 
@@ -63,9 +64,9 @@ def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
   if checkpoint:
     model_config = checkpoints.load_config(checkpoint)
   else:
-    if c.variant not in model_lib.VARIANTS:
-      raise ValueError(f'model.variant: {c.variant!r} is not one of {", ".join(model_lib.VARIANTS)}')
-    model_config = model_lib.VARIANTS[c.variant]
+    if c.variant not in architecture.VARIANTS:
+      raise ValueError(f'model.variant: {c.variant!r} is not one of {", ".join(architecture.VARIANTS)}')
+    model_config = architecture.VARIANTS[c.variant]
   tokenizer_name = c.tokenizer or checkpoint
   if not tokenizer_name:
     raise ValueError('model.tokenizer: a random-init model needs one (e.g. byte)')
@@ -114,7 +115,7 @@ def init_params(setup: Setup, *, mesh: jax.sharding.Mesh, seed: int) -> Any:
   return lora.join(base, adapters)
 
 
-def matmul_params(config: model_lib.ModelConfig) -> int:
+def matmul_params(config: architecture.ModelConfig) -> int:
   """N for 6·N FLOPs/token: every projection plus the (tied) output head."""
   c = config
   per_layer = (c.embed_dim * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim

@@ -11,12 +11,13 @@ import pytest
 import safetensors.numpy
 import torch
 
+from gemma_sft_jax import architecture
 from gemma_sft_jax import checkpoints
 from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import tokenizer as tokenizer_lib
 from tests.conftest import write_hf_checkpoint
 
-CONFIG = model_lib.VARIANTS['tiny_gemma3']
+CONFIG = architecture.VARIANTS['tiny_gemma3']
 
 
 @pytest.fixture(scope='module')
@@ -116,10 +117,10 @@ def test_sharded_checkpoint_with_index(tiny_dir, tmp_path):
 def test_bad_config_json(tmp_path):
   (tmp_path / 'config.json').write_text('{"model_type": "gemma2",\n "vocab_size": }')
   with pytest.raises(ValueError, match=r'config.json:2: invalid JSON'):
-    model_lib.ModelConfig.from_hf_dir(str(tmp_path))
+    architecture.ModelConfig.from_hf_dir(str(tmp_path))
   (tmp_path / 'config.json').write_text('{"model_type": "llama"}')
   with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
-    model_lib.ModelConfig.from_hf_dir(str(tmp_path))
+    architecture.ModelConfig.from_hf_dir(str(tmp_path))
 
 
 def test_key_table_round_trips():
@@ -153,7 +154,7 @@ def test_real_gemma3_270m_matches_transformers_gguf(gemma3_270m_gguf):
   import transformers  # pylint: disable=g-import-not-at-top
 
   config = checkpoints.load_config(gemma3_270m_gguf)
-  assert config == model_lib.VARIANTS['gemma3_270m']
+  assert config == architecture.VARIANTS['gemma3_270m']
   tok = tokenizer_lib.load_tokenizer(gemma3_270m_gguf)
   ids = [[tok.bos_token_id] + tok.encode(p) for p in _PROMPTS]
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_sft_jax import architecture
 from gemma_sft_jax import data as data_lib
 from gemma_sft_jax import evaluate
 from gemma_sft_jax import gsm8k
@@ -157,8 +158,8 @@ def test_base_and_sft_get_identical_prompts(tmp_path, monkeypatch):
 
 
 def test_batch_size_does_not_change_completions(tmp_path):
-  config = dataclasses.replace(model_lib.VARIANTS['tiny_gemma3'], num_layers=2,
-                               layer_types=(model_lib.SLIDING, model_lib.GLOBAL))
+  config = dataclasses.replace(architecture.VARIANTS['tiny_gemma3'], num_layers=2,
+                               layer_types=(architecture.SLIDING, architecture.GLOBAL))
   model = model_lib.Transformer(config)
   params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
   rng = np.random.default_rng(0)

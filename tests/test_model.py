@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from gemma_sft_jax import architecture
 from gemma_sft_jax import checkpoints
 from gemma_sft_jax import lora
 from gemma_sft_jax import model as model_lib
@@ -17,11 +18,11 @@ from tests.conftest import write_hf_checkpoint
 # several kv heads, a sliding window (7) much shorter than the input (23), both softcaps (Gemma 2),
 # qk-norm and two rope bases (Gemma 3), linear rope scaling on global layers (Gemma 3 4B+).
 _TINY = {
-    'gemma2_kv3': model_lib.VARIANTS['tiny_gemma2'],
-    'gemma2_kv1': dataclasses.replace(model_lib.VARIANTS['tiny_gemma2'], num_kv_heads=1,
+    'gemma2_kv3': architecture.VARIANTS['tiny_gemma2'],
+    'gemma2_kv1': dataclasses.replace(architecture.VARIANTS['tiny_gemma2'], num_kv_heads=1,
                                       num_heads=3, query_pre_attn_scalar=13),
-    'gemma3_kv1': model_lib.VARIANTS['tiny_gemma3'],
-    'gemma3_kv3_scaled': dataclasses.replace(model_lib.VARIANTS['tiny_gemma3'], num_heads=9,
+    'gemma3_kv1': architecture.VARIANTS['tiny_gemma3'],
+    'gemma3_kv3_scaled': dataclasses.replace(architecture.VARIANTS['tiny_gemma3'], num_heads=9,
                                              num_kv_heads=3, rope_scale_global=8.0),
 }
 SEQ = 23
@@ -46,7 +47,7 @@ def _ours(path, config, dtype=jnp.float32):
 def test_logits_match_transformers(tmp_path, name):
   config = _TINY[name]
   hf_model = write_hf_checkpoint(tmp_path, config.to_hf_dict(), seed=1)
-  loaded = model_lib.ModelConfig.from_hf_dir(str(tmp_path))
+  loaded = architecture.ModelConfig.from_hf_dir(str(tmp_path))
   assert loaded == config  # config.json round-trips into the same architecture.
 
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=(2, SEQ))
@@ -69,7 +70,7 @@ def test_logits_match_transformers(tmp_path, name):
 
 def test_sliding_window_changes_logits():
   """The local mask really matters at this length: widening the window changes later positions."""
-  config = model_lib.VARIANTS['tiny_gemma2']
+  config = architecture.VARIANTS['tiny_gemma2']
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, size=(1, SEQ)))
   model = model_lib.Transformer(config)
   params = model.init(jax.random.key(0), tokens)['params']
@@ -84,7 +85,7 @@ def test_sliding_window_changes_logits():
 
 def test_causal_and_segments():
   """A token never sees the future, and packed segments never see each other."""
-  config = model_lib.VARIANTS['tiny_gemma3']
+  config = architecture.VARIANTS['tiny_gemma3']
   model = model_lib.Transformer(config)
   rng = np.random.default_rng(1)
   tokens = rng.integers(0, config.vocab_size, size=(1, 12))
@@ -120,7 +121,7 @@ def _decode_stepwise(model, params, tokens, cache, *, prefill):
 def test_cache_matches_full_forward():
   """Prefill + one-token steps through the explicit KV cache give the full forward's logits."""
   for name in ('tiny_gemma2', 'tiny_gemma3'):
-    config = model_lib.VARIANTS[name]
+    config = architecture.VARIANTS[name]
     model = model_lib.Transformer(config)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, config.vocab_size, size=(2, 15)))
     params = model.init(jax.random.key(0), tokens)['params']
@@ -131,7 +132,7 @@ def test_cache_matches_full_forward():
 
 
 def test_remat_gives_same_gradients():
-  config = model_lib.VARIANTS['tiny_gemma2']
+  config = architecture.VARIANTS['tiny_gemma2']
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 9)))
   params = model_lib.Transformer(config).init(jax.random.key(0), tokens)['params']
 
@@ -204,7 +205,7 @@ def test_scanned_layers_match_unrolled(tmp_path, name):
 
 
 def test_scanned_layers_refuse_layer_specific_lora_targets():
-  config = model_lib.VARIANTS['tiny_gemma2']
+  config = architecture.VARIANTS['tiny_gemma2']
   spec = model_lib.LoraSpec(rank=2, alpha=4.0, targets=r'layer_0/attn/q_proj/kernel')
   with pytest.raises(ValueError, match='scan_layers'):
     model_lib.param_shapes(model_lib.Transformer(config, lora=spec, scan_layers=True))
@@ -218,9 +219,9 @@ def _hf_param_count(config):
   return sum(p.numel() for p in hf.parameters())
 
 
-@pytest.mark.parametrize('name', sorted(model_lib.VARIANTS))
+@pytest.mark.parametrize('name', sorted(architecture.VARIANTS))
 def test_param_count_matches_transformers(name):
-  config = model_lib.VARIANTS[name]
+  config = architecture.VARIANTS[name]
   ours = model_lib.count_params(model_lib.param_shapes(model_lib.Transformer(config)))
   assert ours == _hf_param_count(config)
   if name == 'gemma2_2b':

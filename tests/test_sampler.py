@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from gemma_sft_jax import architecture
 from gemma_sft_jax import checkpoints
 from gemma_sft_jax import data as data_lib
 from gemma_sft_jax import evaluate
@@ -36,7 +37,7 @@ BOS = 2
 LENGTHS = (3, 9, 26)
 
 
-def _random_params(config: model_lib.ModelConfig, seed: int):
+def _random_params(config: architecture.ModelConfig, seed: int):
   """A tiny model and random params with non-zero norm weights (flax inits them to 0, i.e. 1 + 0)."""
   model = model_lib.Transformer(config)
   params = model.init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))['params']
@@ -92,7 +93,7 @@ def _full_forward_logits(model, params, prompts, generated):
 
 @pytest.mark.parametrize('name', ['tiny_gemma2', 'tiny_gemma3'])
 def test_cached_decode_equals_full_forward(name, recorded_logits):
-  config = model_lib.VARIANTS[name]
+  config = architecture.VARIANTS[name]
   assert config.sliding_window == 7 < max(LENGTHS)
   model, params = _random_params(config, seed=0)
   prompts = _prompts(config)
@@ -146,7 +147,7 @@ def _hf_greedy(hf_model, prompt, n, eos_id, pad_id):
 
 @pytest.mark.parametrize('name', ['tiny_gemma2', 'tiny_gemma3'])
 def test_greedy_matches_transformers_generate(tmp_path, name, torch_one_thread):
-  config = model_lib.VARIANTS[name]
+  config = architecture.VARIANTS[name]
   hf_model = write_hf_checkpoint(tmp_path, config.to_hf_dict(), seed=3)
   model = model_lib.Transformer(config)
   params = checkpoints.load_params(str(tmp_path), config=config,
@@ -175,7 +176,7 @@ def test_real_gemma3_270m_greedy_matches_transformers(gemma3_270m_gguf, gsm8k_di
   import transformers  # pylint: disable=g-import-not-at-top
 
   # test_checkpoints checks that the GGUF's metadata gives exactly this config.
-  config = model_lib.VARIANTS['gemma3_270m']
+  config = architecture.VARIANTS['gemma3_270m']
   tok = tokenizer_lib.load_tokenizer(gemma3_270m_gguf)
   questions = gsm8k.load_split(gsm8k_dir, 'main', 'test')[:3]
   spec = evaluate.PromptSpec()
@@ -224,8 +225,8 @@ def test_real_gemma3_270m_greedy_matches_transformers(gemma3_270m_gguf, gsm8k_di
 
 N_SAMPLE = 16
 # Two layers (one local, one global) of the tiny Gemma 3: every option below is its own compile.
-SMALL = dataclasses.replace(model_lib.VARIANTS['tiny_gemma3'], num_layers=2,
-                            layer_types=(model_lib.SLIDING, model_lib.GLOBAL))
+SMALL = dataclasses.replace(architecture.VARIANTS['tiny_gemma3'], num_layers=2,
+                            layer_types=(architecture.SLIDING, architecture.GLOBAL))
 
 
 @pytest.fixture(scope='module')
@@ -363,9 +364,9 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent("""
     jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                                process_id=int(sys.argv[2]))
     import jax.numpy as jnp
-    from gemma_sft_jax import model as model_lib, sampler, sharding
-    config = dataclasses.replace(model_lib.VARIANTS['tiny_gemma3'], num_layers=2,
-                                 layer_types=(model_lib.SLIDING, model_lib.GLOBAL))
+    from gemma_sft_jax import architecture, model as model_lib, sampler, sharding
+    config = dataclasses.replace(architecture.VARIANTS['tiny_gemma3'], num_layers=2,
+                                 layer_types=(architecture.SLIDING, architecture.GLOBAL))
     model = model_lib.Transformer(config)
     mesh = sharding.make_mesh(data=2, fsdp=1, tensor=1)  # One CPU device per process.
     params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']

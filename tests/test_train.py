@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from gemma_sft_jax import architecture
 from gemma_sft_jax import checkpointing
 from gemma_sft_jax import data as data_lib
 from gemma_sft_jax import gsm8k
@@ -35,12 +36,12 @@ BATCH = 8
 # one is shardable by every rule (V, N, K, F over tensor=2; D over fsdp=8); one layer keeps the
 # many compilations of these tests cheap (XLA's CPU compile of the random init dominates).
 SHARDABLE = dataclasses.replace(
-    model_lib.VARIANTS['tiny_gemma3'], vocab_size=264, embed_dim=64, hidden_dim=96, num_layers=1,
+    architecture.VARIANTS['tiny_gemma3'], vocab_size=264, embed_dim=64, hidden_dim=96, num_layers=1,
     num_heads=4, num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16.0,
-    layer_types=(model_lib.GLOBAL,))
+    layer_types=(architecture.GLOBAL,))
 # For scanned layers (model.scan_layers): two layers, sliding (window 7 < seq_len) then global.
 SHARDABLE_2 = dataclasses.replace(SHARDABLE, num_layers=2,
-                                  layer_types=(model_lib.SLIDING, model_lib.GLOBAL))
+                                  layer_types=(architecture.SLIDING, architecture.GLOBAL))
 
 
 def _tiny_config(method: str = 'full', **overrides):
