@@ -327,10 +327,12 @@ def load_params(checkpoint: str, *, config: architecture.ModelConfig, shapes: An
   # Scanned layers (model.scan_layers): 'layers/x' [L, ...] is stacked from the checkpoint's
   # per-layer tensors, which are matched as 'layer_{i}/x' and kept as host views until then.
   stacked = {k: v for k, v in want.items() if k.startswith('layers/')}
+  layer_paths = {k: [f'layer_{i}/{k[len("layers/"):]}' for i in range(v.shape[0])]
+                 for k, v in stacked.items()}
   for k, v in stacked.items():
     del want[k]
-    for i in range(v.shape[0]):
-      want[f'layer_{i}/{k[len("layers/"):]}'] = jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
+    want.update(dict.fromkeys(layer_paths[k], jax.ShapeDtypeStruct(v.shape[1:], v.dtype)))
+  to_stack = {p for paths in layer_paths.values() for p in paths}
   views: dict[str, Any] = {}
   out: dict[str, Any] = {}
   for file, key, array in tensors:
@@ -352,7 +354,7 @@ def load_params(checkpoint: str, *, config: architecture.ModelConfig, shapes: An
       raise CheckpointError(f'{file}: tensor {key!r} has shape {tuple(array.shape)}, expected one '
                             f'that maps to {tuple(spec.shape)} for {ours}')
     dtype = spec.dtype
-    if ours.startswith('layer_') and f'layers/{ours.split("/", 1)[1]}' in stacked:
+    if ours in to_stack:
       views[ours] = view
       continue
     out[ours] = jax.make_array_from_callback(
@@ -363,7 +365,7 @@ def load_params(checkpoint: str, *, config: architecture.ModelConfig, shapes: An
     raise CheckpointError(f'{path}: missing tensor {path_to_hf(missing[0])!r} (for {missing[0]})'
                           + (f' and {len(missing) - 1} more' if len(missing) > 1 else ''))
   for k, v in stacked.items():
-    parts = [views.pop(f'layer_{i}/{k[len("layers/"):]}') for i in range(v.shape[0])]
+    parts = [views.pop(p) for p in layer_paths[k]]
 
     def layers_slice(idx, parts=parts, dtype=v.dtype):
       return np.stack([np.asarray(p[idx[1:]]).astype(dtype) for p in parts[idx[0]]])

@@ -136,13 +136,17 @@ def resolve_wandb_mode(mode: str, *, has_credentials: bool) -> str:
   return mode
 
 
-def truncate_jsonl(path: str, *, after_step: int) -> int:
-  """Drops lines of `path` with step > `after_step` (and unreadable ones); returns how many."""
+def truncate_jsonl(path: str, *, after_step: int) -> tuple[int, dict[str, Any] | None]:
+  """Drops lines of `path` with step > `after_step` (and unreadable ones).
+
+  Returns:
+    (how many lines were dropped, the last row kept or None).
+  """
   if not os.path.exists(path):
-    return 0
+    return 0, None
   with open(path, encoding='utf-8') as f:
     lines = f.readlines()
-  kept = []
+  kept, last = [], None
   for line in lines:
     try:
       row = json.loads(line)
@@ -150,12 +154,13 @@ def truncate_jsonl(path: str, *, after_step: int) -> int:
       continue  # A line cut short by a kill.
     if isinstance(row, dict) and isinstance(row.get('step'), int) and row['step'] <= after_step:
       kept.append(line if line.endswith('\n') else line + '\n')
+      last = row
   if len(kept) != len(lines):
     tmp = path + '.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
       f.writelines(kept)
     os.replace(tmp, path)  # Atomic: a kill now leaves either the old or the new file.
-  return len(lines) - len(kept)
+  return len(lines) - len(kept), last
 
 
 class MetricsWriter:
@@ -177,6 +182,9 @@ class MetricsWriter:
       wandb_config: JSON-like dict recorded as the wandb run config (e.g. the run config).
     """
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    # The last row already in the file that is kept (main process, when truncating), e.g. the
+    # final step's metrics for a rerun that finds training finished.
+    self.last_row: dict[str, Any] | None = None
     self._file = None
     self._wandb_run = None
     if wandb_mode not in WANDB_MODES:
@@ -185,7 +193,7 @@ class MetricsWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     if truncate_after_step is not None:
-      dropped = truncate_jsonl(self.path, after_step=truncate_after_step)
+      dropped, self.last_row = truncate_jsonl(self.path, after_step=truncate_after_step)
       if dropped:
         print(f'{self.path}: dropped {dropped} line(s) after step {truncate_after_step} '
               '(logged after the last checkpoint of the previous run).', flush=True)

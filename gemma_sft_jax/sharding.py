@@ -78,11 +78,10 @@ def _fit(spec: Sequence[Any], shape: Sequence[int], mesh: Mesh) -> P:
 
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh,
              rules: Sequence[tuple[str, tuple[Any, ...]]] = RULES) -> P:
-  if path.startswith('layers/'):  # Scanned layers: a leading [L] axis, never sharded.
-    return P(None, *spec_for('layer_0/' + path[len('layers/'):], shape[1:], mesh, rules))
+  stacked = path.startswith('layers/')  # Scanned layers: a leading [L] axis, never sharded.
   for pattern, spec in rules:
     if re.fullmatch(pattern, path):
-      return _fit(spec, shape, mesh)
+      return _fit((None, *spec) if stacked else spec, shape, mesh)
   raise ValueError(f'sharding: no rule matches parameter {path!r}')
 
 

@@ -46,8 +46,9 @@ def check_gguf_tokenizer(tok: Any, path: str) -> None:
   """Fails if `tok` splits words that the GGUF vocabulary holds as single tokens.
 
   Some transformers releases (seen with 5.17) rebuild the merges of a GGUF's SentencePiece
-  vocabulary wrongly: 'Question' becomes three pieces and GSM8K prompts grow ~3.9x (0-shot: 66.5 -> 258.9 tokens), which
-  quietly degrades every number measured with that tokenizer. Catch it here instead.
+  vocabulary wrongly: 'Question' becomes three pieces and GSM8K prompts grow ~3.9x (0-shot:
+  66.5 -> 258.9 tokens), which quietly degrades every number measured with that tokenizer. Catch
+  it here instead.
   """
   import gguf  # pylint: disable=g-import-not-at-top
   field = gguf.GGUFReader(path).fields['tokenizer.ggml.tokens']

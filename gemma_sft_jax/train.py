@@ -18,7 +18,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from gemma_sft_jax import architecture
 from gemma_sft_jax import checkpointing
@@ -231,23 +230,6 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def _logged_loss(workdir: str, *, upto: int) -> float:
-  """The loss of the last metrics.jsonl row at or before step `upto` (NaN if there is none)."""
-  loss = math.nan
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return loss
-  with open(path) as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # A line cut short by a kill.
-      if isinstance(row, dict) and row.get('step', upto + 1) <= upto and 'loss' in row:
-        loss = float(row['loss'])
-  return loss
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           on_ready: Callable[[Setup, Any], None] | None = None) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint if there is one.
@@ -310,7 +292,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     on_ready(setup, lora.join(frozen, state['params']))
 
   batch_sharding = sharding.batch_sharding(mesh)
-  repl = sharding.replicated(mesh)
   step_fn = parts.step_fn
 
   # ---- Loop. ------------------------------------------------------------------------------
@@ -329,7 +310,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   t_window, tokens_window, first_step_time = time.time(), 0, None
   loop_start = time.time()
   # A rerun after the last step trains nothing; its final loss is the one already logged.
-  last_loss = _logged_loss(workdir, upto=start)
+  last_loss = float((writer.last_row or {}).get('loss', math.nan))
   with checkpointing.PreemptionGuard() as guard:
     for step in range(start, steps):
       batch = data_lib.to_global_array(next(batches), batch_sharding)

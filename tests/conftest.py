@@ -1,13 +1,19 @@
-"""Shared test fixtures: tiny random Gemma checkpoints written by transformers, the real 270M GGUF."""
+"""Shared test fixtures and helpers: tiny random Gemma checkpoints written by transformers, the real
+270M GGUF, the tiny run config, the environment of CLI subprocesses, and bitwise comparison."""
 
+import importlib.util
 import os
 
 import jax
+import numpy as np
 import pytest
+
+from gemma_sft_jax import sharding
 
 # Parity needs full-precision matmuls on CPU too.
 jax.config.update('jax_default_matmul_precision', 'highest')
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GSM8K_DIR = os.environ.get(
     'GSM8K_DIR', os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'gsm8k'))
 
@@ -40,3 +46,48 @@ def gemma3_270m_gguf():
 def gsm8k_dir():
   assert os.path.isdir(GSM8K_DIR), f'GSM8K data not found at {GSM8K_DIR} (set GSM8K_DIR)'
   return GSM8K_DIR
+
+
+def tiny_config(arg: str, **overrides):
+  """configs/tiny.py's config for `arg` (still locked, so a mistyped key fails) with dotted-key
+  overrides."""
+  spec = importlib.util.spec_from_file_location('tiny_config', os.path.join(ROOT, 'configs',
+                                                                             'tiny.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def cli_env(cache_dir: str) -> dict[str, str]:
+  """Environment of CLI subprocesses: CPU, this checkout importable, and one JAX compilation
+  cache, so reruns of the same command skip XLA compilation (the cached code is the same code)."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2',
+             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get('PYTHONPATH')])))
+  return env
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory) -> dict[str, str]:
+  return cli_env(str(tmp_path_factory.mktemp('xla')))
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  """{'a/b/c' path: numpy array} for every leaf."""
+  paths = jax.tree.leaves(sharding.tree_paths(tree))
+  return {p: np.asarray(x) for p, x in zip(paths, jax.tree.leaves(tree))}
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+  x = np.atleast_1d(np.asarray(x))
+  return x.view(np.dtype(f'u{x.dtype.itemsize}'))
+
+
+def assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]):
+  assert a.keys() == b.keys()
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+    np.testing.assert_array_equal(_bits(a[k]), _bits(b[k]), err_msg=k)

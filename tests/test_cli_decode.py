@@ -6,7 +6,6 @@ the tests below check one run each. The in-process test checks that base + adapt
 exactly like the merged weights in a plain (LoRA-free) model.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,8 +21,8 @@ from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import runner
 from gemma_sft_jax import sampler
 from gemma_sft_jax import sharding
+from tests.conftest import ROOT, cli_env, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [
     'Question: A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts '
     'in total does it take?\nAnswer:',
@@ -35,16 +34,6 @@ EVAL_LIMIT = 4
 CONFIG = '--config=configs/tiny.py:family=gemma2'
 
 
-def _env(cache_dir):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['JAX_PLATFORMS'] = 'cpu'
-  # The entry points honour this (runner.setup_jax): the CLI runs share the random init and
-  # sampler programs that training or a sibling run already compiled.
-  env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
-  env['PYTHONPATH'] = os.pathsep.join(filter(None, [ROOT, env.get('PYTHONPATH')]))
-  return env
-
-
 class _Proc:
   """A CLI subprocess whose stdout/stderr go to files under `root`."""
 
@@ -53,7 +42,7 @@ class _Proc:
     self._out = open(os.path.join(root, f'{name}.stdout'), 'w+')
     self._err = open(os.path.join(root, f'{name}.stderr'), 'w+')
     self.proc = subprocess.Popen([sys.executable, '-m', f'gemma_sft_jax.{module}', *flags],
-                                 cwd=ROOT, env=_env(os.path.join(root, 'jax_cache')),
+                                 cwd=ROOT, env=cli_env(os.path.join(root, 'jax_cache')),
                                  stdout=self._out, stderr=self._err)
 
   def result(self, timeout=300):
@@ -152,17 +141,9 @@ def test_decode_cli_bad_input_is_one_line_exit_2(runs):
   assert not os.path.exists(os.path.join(runs['root'], 'bad_out.jsonl'))
 
 
-def _tiny_config():
-  spec = importlib.util.spec_from_file_location('tiny_config', os.path.join(ROOT, 'configs',
-                                                                             'tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('family=gemma2')
-
-
 def test_adapters_decode_like_merged_weights(runs):
   """base + adapters (the LoRA forward) == W + (alpha/r)·A·B in a model without LoRA."""
-  config = _tiny_config()
+  config = tiny_config('family=gemma2')
   mesh = sharding.make_mesh(**config.mesh)
   setup, params = runner.load_trained(config, runs['final'], mesh=mesh)
   assert setup.model.lora.rank == config.lora.rank
