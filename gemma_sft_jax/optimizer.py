@@ -21,14 +21,17 @@ like the param (`state_shardings`). Each step dequantises, does the Adam update 
 uses the fresh fp32 moments, as bitsandbytes does), and requantises. Small tensors (< 4096 elements)
 keep fp32 moments: their 8-bit saving is negligible and norms are sensitive.
 
-bf16 params: an Adam step of lr·O(1) = 1e-5 is far below bf16's resolution (2^-8 ≈ 3.9e-3
-relative), so `p + u` rounded to nearest leaves most weights unchanged. `apply_updates_stochastic`
-rounds p + u stochastically to bf16, which is unbiased, so small updates accumulate in expectation.
+The chain is the reference semantics (tested against `optax.adamw`). Training applies the same
+maths through `make_update`, one fused pass per block of each parameter: clip, Adam, decay, LR and
+the (stochastically rounded, for bf16 params) write of the new weights. Going through the chain
+would materialise whole-tree fp32 intermediates (dequantised moments, the fp32 update, random
+bits): for Gemma 2 9B with stacked layers that was 150 GiB of temporaries. Blockwise, the update
+needs a few fp32 blocks of at most `CHUNK_ELEMENTS` at a time, and rewrites params and moments in
+place.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -38,140 +41,48 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from gemma_sft_jax import quantization as quant
+from gemma_sft_jax import rounding
+from gemma_sft_jax.quantization import BLOCK_SIZE, QuantizedArray
+
 STATE_DTYPES = ('int8', 'bfloat16', 'float32')
-BLOCK_SIZE = 256
 MIN_QUANTIZED_SIZE = 4096
+# Largest block (elements) the fused update processes at once: 256 MiB per fp32 temporary.
+CHUNK_ELEMENTS = 1 << 26
 
 
-# ---- Dynamic quantisation maps. ------------------------------------------------------------------
+def load_moment(stored: Any, *, block_size: int = BLOCK_SIZE) -> jax.Array:
+  """A stored moment (QuantizedArray, bf16 or fp32) as fp32."""
+  if isinstance(stored, QuantizedArray):
+    return quant.dequantize_blockwise(stored, block_size=block_size)
+  return stored.astype(jnp.float32)
 
-@functools.lru_cache(maxsize=2)
-def dynamic_map(*, signed: bool) -> np.ndarray:
-  """The 256 sorted code values of bitsandbytes' dynamic map, in [-1, 1] (signed) or [0, 1].
 
-  A code is a decimal exponent e in {-6..0} plus a linear fraction: the values 10^e · mid, where
-  `mid` runs over the midpoints of an even split of [0.1, 1] into 2^(e+6) parts (signed, with both
-  signs) or 2^(e+7) parts (unsigned: the sign bit buys one more fraction bit). Plus 0 and 1.0.
-  So the map covers seven decades with ~constant relative precision, which suits Adam moments
-  spread over orders of magnitude within a block. The signed map has 1.0 but not -1.0.
+def store_moment(x: jax.Array, like: Any, *, block_size: int = BLOCK_SIZE) -> Any:
+  """fp32 x stored the way `like` is (requantised with like's map, or cast to its dtype)."""
+  if isinstance(like, QuantizedArray):
+    return quant.quantize_blockwise(x, signed=like.codes.dtype == jnp.int8, block_size=block_size)
+  return x.astype(like.dtype)
 
-  Args:
-    signed: the signed map (first moment) or the unsigned one (second moment).
 
-  Returns:
-    A read-only float32 array of 256 increasing values.
+def _bias_corrections(b1: float, b2: float, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+  t = count.astype(jnp.float32)
+  return 1.0 - jnp.asarray(b1, jnp.float32) ** t, 1.0 - jnp.asarray(b2, jnp.float32) ** t
+
+
+def adam_leaf(g: jax.Array, mu: Any, nu: Any, *, b1: float, b2: float, eps: float,
+              bc: tuple[jax.Array, jax.Array], block_size: int = BLOCK_SIZE
+              ) -> tuple[jax.Array, Any, Any]:
+  """One leaf (or block of a leaf) of Adam: fp32 gradient g -> (update direction, new mu, new nu).
+
+  The one copy of Adam's maths, shared by `scale_by_adam_8bit` and `make_update`: moments are
+  loaded to fp32, updated, used for the direction (the fresh fp32 values, as bitsandbytes does)
+  and stored back in their own format. `bc` are the bias corrections (1 - b1^t, 1 - b2^t).
   """
-  values = [0.0, 1.0]
-  for i in range(7):
-    parts = 2 ** i if signed else 2 ** (i + 1)
-    edges = np.linspace(0.1, 1.0, parts + 1)
-    mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)
-    values.extend(mids)
-    if signed:
-      values.extend(-mids)
-  table = np.sort(np.asarray(values, np.float32))
-  assert table.size == 256 and np.all(np.diff(table) > 0), table
-  table.flags.writeable = False
-  return table
-
-
-def _code_offset(signed: bool) -> int:
-  # int8 codes are table indices shifted by -128 (so they fit a signed byte); uint8 codes are
-  # the indices themselves.
-  return 128 if signed else 0
-
-
-class QuantizedArray(NamedTuple):
-  """An 8-bit blockwise-quantised array: x[..., j] ≈ map[codes[..., j]] · scales[..., j // 256]."""
-  codes: jax.Array   # [..., n] int8 (signed map) or uint8 (unsigned map)
-  scales: jax.Array  # [..., ceil(n / block)] float32 absmax per block
-
-
-def _num_blocks(n: int, block_size: int) -> int:
-  return -(-n // block_size)
-
-
-def nearest_code_index(normed: jax.Array, *, signed: bool) -> jax.Array:
-  """Index (into `dynamic_map(signed)`) of the code nearest to each value in [-1, 1] / [0, 1].
-
-  Equal to `searchsorted(midpoints, normed, side='left')` (the tested reference), but computed
-  arithmetically: the map's decade and linear position give a candidate code, which is
-  then off by at most one and is corrected by comparing with its two neighbouring midpoints. A
-  binary search is 8 dependent gathers per element; on an H100 this path makes the 8-bit update
-  several times faster than `jnp.searchsorted(..., method='scan_unrolled')` (docs/optimizer.md).
-
-  Args:
-    normed: values divided by their block absmax.
-    signed: which map.
-
-  Returns:
-    int32 indices in [0, 255].
-  """
-  table = dynamic_map(signed=signed)
-  midpoints = jnp.asarray((table[:-1] + table[1:]) / 2)
-  a = jnp.abs(normed) if signed else normed
-  # Decade i in 0..6 holds codes 10^(i-6) · [0.1, 1): count the decade edges at or below a.
-  decade = sum((a >= 10.0 ** (k - 7)).astype(jnp.int32) for k in range(1, 7))
-  parts = jnp.left_shift(1, decade + (0 if signed else 1))  # codes in this decade
-  before = parts - (1 if signed else 2)  # codes in lower decades (2^i - 1 or 2^(i+1) - 2)
-  scale = jnp.asarray(10.0 ** np.arange(-6, 1), jnp.float32)[decade]
-  frac = jnp.floor((a / scale - 0.1) * parts.astype(jnp.float32) / 0.9).astype(jnp.int32)
-  first_positive = 128 if signed else 1
-  cand = first_positive + before + jnp.clip(frac, 0, parts - 1)
-  lower, upper = midpoints[cand - 1], midpoints[jnp.minimum(cand, 254)]
-  if not signed:
-    index = cand - 1 + (a > lower) + (a > upper)
-  else:
-    # Negative codes mirror the positive ones around 0 (index 127), except that there is no
-    # -1.0: the most negative code is the mirror of 0.99297, so clip before mirroring. A tie
-    # goes to the lower code, as searchsorted(side='left') does: for negatives that is the
-    # larger magnitude, hence >=.
-    neg = normed < 0
-    above = lambda m: jnp.where(neg, a >= m, a > m)  # noqa: E731
-    index = cand - 1 + above(lower) + above(upper)
-    index = jnp.where(neg, 254 - jnp.minimum(index, 254), index)
-  return index.astype(jnp.int32)
-
-
-def quantize_blockwise(x: jax.Array, *, signed: bool,
-                       block_size: int = BLOCK_SIZE) -> QuantizedArray:
-  """Quantises x along its last axis in blocks, to the nearest code of the dynamic map.
-
-  Args:
-    x: an array of rank >= 1; the last axis is padded (with zeros) to a multiple of block_size.
-    signed: the signed map and int8 codes, or the unsigned map and uint8 codes (x >= 0).
-    block_size: elements per absmax block.
-
-  Returns:
-    QuantizedArray with codes shaped like x and scales [..., ceil(n / block_size)].
-  """
-  *lead, n = x.shape
-  nb = _num_blocks(n, block_size)
-  x = x.astype(jnp.float32)
-  xb = jnp.pad(x, [(0, 0)] * len(lead) + [(0, nb * block_size - n)])
-  xb = xb.reshape(*lead, nb, block_size)
-  absmax = jnp.max(jnp.abs(xb), axis=-1)
-  normed = xb / jnp.where(absmax > 0, absmax, 1.0)[..., None]
-  index = nearest_code_index(normed, signed=signed)
-  index = index.reshape(*lead, nb * block_size)[..., :n]
-  codes = (index - _code_offset(signed)).astype(jnp.int8 if signed else jnp.uint8)
-  return QuantizedArray(codes=codes, scales=absmax)
-
-
-def dequantize_blockwise(q: QuantizedArray, *, block_size: int = BLOCK_SIZE) -> jax.Array:
-  """The float32 values of a QuantizedArray (the map follows from the code dtype)."""
-  signed = q.codes.dtype == jnp.int8
-  table = jnp.asarray(dynamic_map(signed=signed))
-  values = table[q.codes.astype(jnp.int32) + _code_offset(signed)]
-  n = q.codes.shape[-1]
-  return values * jnp.repeat(q.scales, block_size, axis=-1)[..., :n]
-
-
-def _zero_quantized(shape: tuple[int, ...], *, signed: bool, block_size: int) -> QuantizedArray:
-  zero_code = int(np.searchsorted(dynamic_map(signed=signed), 0.0)) - _code_offset(signed)
-  return QuantizedArray(
-      codes=jnp.full(shape, zero_code, jnp.int8 if signed else jnp.uint8),
-      scales=jnp.zeros((*shape[:-1], _num_blocks(shape[-1], block_size)), jnp.float32))
+  m = b1 * load_moment(mu, block_size=block_size) + (1.0 - b1) * g
+  v = b2 * load_moment(nu, block_size=block_size) + (1.0 - b2) * jnp.square(g)
+  u = (m / bc[0]) / (jnp.sqrt(v / bc[1]) + eps)
+  return u, store_moment(m, mu, block_size=block_size), store_moment(v, nu, block_size=block_size)
 
 
 # ---- Adam with 8-bit / bf16 / fp32 moments. -----------------------------------------------------
@@ -213,7 +124,7 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
     shape = tuple(p.shape)
     if state_dtype == 'int8':
       if math.prod(shape) >= min_quantized_size and len(shape) >= 1 and shape[-1] > 1:
-        return _zero_quantized(shape, signed=signed, block_size=block_size)
+        return quant.zero_quantized(shape, signed=signed, block_size=block_size)
       return jnp.zeros(shape, jnp.float32)
     return jnp.zeros(shape, jnp.dtype(state_dtype))
 
@@ -223,29 +134,14 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
         mu=jax.tree.map(lambda p: init_moment(p, True), params),
         nu=jax.tree.map(lambda p: init_moment(p, False), params))
 
-  def load(stored):
-    if isinstance(stored, QuantizedArray):
-      return dequantize_blockwise(stored, block_size=block_size)
-    return stored.astype(jnp.float32)
-
-  def store(x, like):
-    if isinstance(like, QuantizedArray):
-      return quantize_blockwise(x, signed=like.codes.dtype == jnp.int8, block_size=block_size)
-    return x.astype(like.dtype)
-
   def update_fn(updates, state, params=None):
     del params
     count = state.count + 1
-    t = count.astype(jnp.float32)
-    bc1 = 1.0 - jnp.asarray(b1, jnp.float32) ** t
-    bc2 = 1.0 - jnp.asarray(b2, jnp.float32) ** t
+    bc = _bias_corrections(b1, b2, count)
 
     def leaf(g, mu, nu):
-      g = g.astype(jnp.float32)
-      m = b1 * load(mu) + (1.0 - b1) * g
-      v = b2 * load(nu) + (1.0 - b2) * jnp.square(g)
-      u = (m / bc1) / (jnp.sqrt(v / bc2) + eps)
-      return u, store(m, mu), store(v, nu)
+      return adam_leaf(g.astype(jnp.float32), mu, nu, b1=b1, b2=b2, eps=eps, bc=bc,
+                       block_size=block_size)
 
     out = jax.tree.map(leaf, updates, state.mu, state.nu)
     pick = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)  # noqa: E731
@@ -439,60 +335,151 @@ def state_bytes(abstract_params: Any, state_dtype: str = 'int8', *,
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract))
 
 
-# ---- Applying updates to (bf16) params. ---------------------------------------------------------
 
-def stochastic_round_to_bf16(x: jax.Array, key: jax.Array) -> jax.Array:
-  """Rounds float32 x to bfloat16 up or down with probability proportional to proximity.
+# ---- The training update: one fused pass per block of each parameter. ---------------------------
 
-  bf16 is the top 16 bits of an fp32 pattern. Adding uniform random bits in [0, 2^16) to the
-  pattern and truncating the low 16 bits rounds the *magnitude* up with probability equal to the
-  truncated fraction, so E[result] = x for either sign (fp32 is sign-magnitude, so the same
-  integer addition works for negatives). Carries into the exponent are correct rounding up to the
-  next binade. NaNs are passed through (a NaN whose payload is only in the low bits would
-  otherwise truncate to inf).
+def chunk_plan(params: Any) -> Any:
+  """How many blocks each leaf's update runs in, along its first axis (1 = the whole leaf).
 
-  Args:
-    x: values to round (cast to float32 first).
-    key: a jax PRNG key.
-
-  Returns:
-    bfloat16 array shaped like x.
-  """
-  x = x.astype(jnp.float32)
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
-  rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
-  # Exact: the low 16 bits are zero, so the fp32 value is representable in bf16.
-  y = jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
-  return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), y)
-
-
-def apply_updates_stochastic(params: Any, updates: Any, key: jax.Array) -> Any:
-  """params + updates, with bf16 params rounded stochastically (fp32 params: plain addition).
-
-  Each bf16 leaf computes p + u in fp32 and rounds with `stochastic_round_to_bf16` under
-  fold_in(key, leaf index), so leaves draw independent bits. Pass a fresh key every step.
+  Used for leaves with 8-bit moments. A leaf of more than `CHUNK_ELEMENTS` elements (and rank
+  >= 2) is split into the fewest equal
+  blocks along axis 0 that are each at most that size (for stacked layers: a few layers at a
+  time; for the embedding: groups of vocabulary rows). A leaf whose axis 0 is sharded is not split
+  (a dynamic slice of a sharded axis would gather it). The random bits of stochastic rounding
+  depend on element indices only, so the plan does not change the result.
 
   Args:
-    params: the params tree.
-    updates: the updates from the optimizer (any float dtype; fp32 keeps small steps).
-    key: a jax PRNG key for this step.
+    params: the trainable tree, as arrays (their shardings are read) or ShapeDtypeStructs.
 
   Returns:
-    The new params, with each leaf's dtype unchanged.
+    A tree like params of ints.
   """
-  leaves, treedef = jax.tree.flatten(params)
-  update_leaves = treedef.flatten_up_to(updates)
-  out = []
-  for i, (p, u) in enumerate(zip(leaves, update_leaves)):
-    if p.dtype == jnp.bfloat16:
-      out.append(stochastic_round_to_bf16(p.astype(jnp.float32) + u.astype(jnp.float32),
-                                          jax.random.fold_in(key, i)))
-    else:
-      out.append((p + u.astype(p.dtype)).astype(p.dtype))
-  return treedef.unflatten(out)
+  def blocks(x):
+    size, lead = math.prod(x.shape), x.shape[0] if x.ndim else 1
+    sharding = getattr(x, 'sharding', None)
+    if x.ndim < 2 or size <= CHUNK_ELEMENTS:
+      return 1
+    if isinstance(sharding, NamedSharding) and len(sharding.spec) and sharding.spec[0] is not None:
+      return 1
+    need = -(-size // CHUNK_ELEMENTS)
+    return next((n for n in range(need, lead + 1) if lead % n == 0), lead)
+  return jax.tree.map(blocks, params)
 
 
-def global_norm(tree: Any) -> jax.Array:
-  """The L2 norm of all leaves together, accumulated in fp32."""
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: float | None,
+                decay_mask: Any, chunks: Any, b1: float = 0.9, b2: float = 0.999,
+                eps: float = 1e-8, block_size: int = BLOCK_SIZE, stochastic_rounding: bool = True
+                ) -> Any:
+  """The training update with the semantics of `make_optimizer`'s chain, fused per block.
+
+  For each leaf (or block of `chunks` along axis 0, in place, one after another): the gradient
+  sum is divided by the token count and clipped, Adam's moments are loaded, updated and stored
+  back (`adam_leaf`), decoupled weight decay and the LR are applied, and the new weights are
+  written, rounded stochastically when they are bf16 and `stochastic_rounding` is on. No
+  whole-tree fp32 temporaries exist; gradients may be bf16.
+
+  Args:
+    schedule: LR schedule (from `make_schedule`); update k uses schedule(k).
+    weight_decay: decoupled decay coefficient (times the LR).
+    clip_norm: max global gradient norm; None or 0 disables clipping.
+    decay_mask: a bool tree like params (`default_decay_mask`).
+    chunks: an int tree like params (`chunk_plan`).
+    b1: Adam first-moment decay.
+    b2: Adam second-moment decay.
+    eps: Adam epsilon.
+    block_size: the 8-bit absmax block (as the state was made with).
+    stochastic_rounding: round bf16 params stochastically (else to nearest).
+
+  Returns:
+    update(params, grad_sums, opt_state, *, divisor, seed) -> (params, opt_state, grad_norm):
+    `opt_state` is `make_optimizer(...)[0].init(params)`'s structure (so checkpoints and
+    `state_shardings` are shared with the chain), `divisor` the number of supervised tokens the
+    gradient sums are over, `seed` a uint32 scalar for this step's rounding bits, and
+    `grad_norm` the global norm of grad_sums / divisor before clipping.
+  """
+
+  def update(params, grad_sums, opt_state, *, divisor, seed):
+    adam_index = _state_index(opt_state, ScaleByAdam8bitState)
+    sched_index = _state_index(opt_state, optax.ScaleByScheduleState)
+    adam, sched = opt_state[adam_index], opt_state[sched_index]
+    count = adam.count + 1
+    bc = _bias_corrections(b1, b2, count)
+    lr = jnp.asarray(schedule(sched.count), jnp.float32)
+    divisor = jnp.asarray(divisor, jnp.float32)
+    leaves, treedef = jax.tree.flatten(params)
+    grads, mus, nus, decays, plan = (
+        treedef.flatten_up_to(t) for t in (grad_sums, adam.mu, adam.nu, decay_mask, chunks))
+
+    def sum_squares(g, n):
+      # The divided gradients' squared norm, block by block for split leaves. The barrier keeps
+      # XLA from hoisting the fp32 conversion of the whole leaf out of the loop.
+      sq = lambda x: jnp.sum(jnp.square(x.astype(jnp.float32) / divisor))  # noqa: E731
+      if n == 1:
+        return sq(g)
+      rows = g.shape[0] // n
+      return jax.lax.fori_loop(0, n, lambda i, c: (
+          c[0], c[1] + sq(_barrier(jax.lax.dynamic_slice_in_dim(c[0], i * rows, rows)))),
+          (g, jnp.zeros((), jnp.float32)))[1]
+
+    norm = jnp.sqrt(sum(sum_squares(g, n) for g, n in zip(grads, plan)))
+
+    def block(p, g, mu, nu, decay, seed_leaf, offset):
+      g = g.astype(jnp.float32) / divisor
+      if clip_norm:  # As optax.clip_by_global_norm.
+        g = jnp.where(norm < clip_norm, g, (g / norm.astype(g.dtype)) * clip_norm)
+      u, mu, nu = adam_leaf(g, mu, nu, b1=b1, b2=b2, eps=eps, bc=bc, block_size=block_size)
+      p32 = p.astype(jnp.float32)
+      if decay and weight_decay:
+        u = u + weight_decay * p32
+      new = p32 + -(lr * u)  # The chain's order: scale by LR, negate, add.
+      if stochastic_rounding and p.dtype == jnp.bfloat16:
+        bits = rounding.random_bits16(rounding.element_index(p.shape, offset), seed_leaf)
+        new = rounding.stochastic_round_to_bf16(new, bits)
+      return new.astype(p.dtype), mu, nu
+
+    def leaf(index, p, g, mu, nu, decay, n):
+      seed_leaf = rounding.fold_seed(seed, index)
+      # Only 8-bit moments need blocks: their absmax reductions split the update into several
+      # XLA fusions with whole-leaf fp32 intermediates. With bf16/fp32 moments the whole-leaf
+      # update is one elementwise fusion without temporaries (a loop would only add copies).
+      if n == 1 or not isinstance(mu, QuantizedArray):
+        return block(p, g, mu, nu, decay, seed_leaf, 0)
+      rows = p.shape[0] // n
+      row_elements = math.prod(p.shape[1:])
+
+      def body(i, carry):
+        p, g, mu, nu = carry
+        start = i * rows
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, rows)  # noqa: E731
+        put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, start, 0)  # noqa: E731
+        offset = start.astype(jnp.uint32) * jnp.uint32(row_elements % (1 << 32))
+        new_p, new_mu, new_nu = block(take(p), _barrier(take(g)), jax.tree.map(take, mu),
+                                      jax.tree.map(take, nu), decay, seed_leaf, offset)
+        return put(p, new_p), g, jax.tree.map(put, mu, new_mu), jax.tree.map(put, nu, new_nu)
+
+      p, _, mu, nu = jax.lax.fori_loop(0, n, body, (p, g, mu, nu))
+      return p, mu, nu
+
+    out = [leaf(i, *args) for i, args in enumerate(zip(leaves, grads, mus, nus, decays, plan))]
+    new_params = treedef.unflatten([o[0] for o in out])
+    new_adam = ScaleByAdam8bitState(count=count, mu=treedef.unflatten([o[1] for o in out]),
+                                    nu=treedef.unflatten([o[2] for o in out]))
+    new_state = list(opt_state)
+    new_state[adam_index] = new_adam
+    new_state[sched_index] = optax.ScaleByScheduleState(
+        count=optax.safe_int32_increment(sched.count))
+    return new_params, type(opt_state)(new_state), norm
+
+  return update
+
+
+def _barrier(x: jax.Array) -> jax.Array:
+  return jax.lax.optimization_barrier(x)
+
+
+def _state_index(opt_state: tuple, kind: type) -> int:
+  found = [i for i, s in enumerate(opt_state) if isinstance(s, kind)]
+  if len(found) != 1:
+    raise ValueError(f'make_update: expected one {kind.__name__} in the optimizer state '
+                     f'(make_optimizer\'s chain), found {len(found)}')
+  return found[0]

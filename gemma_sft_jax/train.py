@@ -122,14 +122,15 @@ def matmul_params(config: architecture.ModelConfig) -> int:
   return c.num_layers * per_layer + c.vocab_size * c.embed_dim
 
 
-def make_train_step(*, model: model_lib.Transformer, tx: Any, grad_accum: int,
-                    param_dtype: Any, stochastic_rounding: bool,
+def make_train_step(*, model: model_lib.Transformer, update: Callable[..., Any], grad_accum: int,
                     logits_dtype: Any = jnp.float32) -> Callable[..., Any]:
-  """The update: microbatched forward/backward, global-token normalisation, optimizer step.
+  """The step: microbatched forward/backward, then the fused optimizer update.
 
-  Returns train_step(state, frozen, batch) -> (state, metrics). Gradients are summed over
-  microbatches and divided once by the global number of supervised tokens, so the result does
-  not depend on `grad_accum`, packing or the number of processes.
+  Returns train_step(state, frozen, batch) -> (state, metrics). Gradient sums over microbatches
+  are divided once by the global number of supervised tokens (inside `update`), so the result
+  does not depend on `grad_accum`, packing or the number of processes. With one microbatch the
+  gradients stay in the params' dtype (no fp32 copy of the model); with several they are summed
+  in fp32.
   """
   softcap = model.config.final_logit_softcap
 
@@ -147,28 +148,27 @@ def make_train_step(*, model: model_lib.Transformer, tx: Any, grad_accum: int,
   def train_step(state, frozen, batch):
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state['rng']))
     total_weight = jnp.maximum(batch['weights'].sum(), 1.0)
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-
-    def body(carry, xs):
-      grads, loss_sum = carry
-      mb, i = xs
-      (l, _), g = grad_fn(state['params'], frozen, mb, jax.random.fold_in(step_rng, i))
-      return (jax.tree.map(jnp.add, grads, g), loss_sum + l), None
-
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state['params'])
-    (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
-                                        (micro, jnp.arange(grad_accum)))
-    grads = jax.tree.map(lambda g: g / total_weight, grads)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    if stochastic_rounding and param_dtype == jnp.bfloat16:
-      params = optimizer_lib.apply_updates_stochastic(state['params'], updates,
-                                                      jax.random.fold_in(step_rng, 1 << 20))
+    if grad_accum == 1:
+      (loss_sum, _), grads = grad_fn(state['params'], frozen, batch,
+                                     jax.random.fold_in(step_rng, 0))
     else:
-      params = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype),
-                            state['params'], updates)
+      micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+      def body(carry, xs):
+        grads, loss_sum = carry
+        mb, i = xs
+        (l, _), g = grad_fn(state['params'], frozen, mb, jax.random.fold_in(step_rng, i))
+        return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), loss_sum + l), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state['params'])
+      (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
+                                          (micro, jnp.arange(grad_accum)))
+    seed = jax.random.bits(jax.random.fold_in(step_rng, 1 << 20), (), jnp.uint32)
+    params, opt_state, grad_norm = update(state['params'], grads, state['opt_state'],
+                                          divisor=total_weight, seed=seed)
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
                  'rng': jax.random.key_data(rng)}
-    metrics = {'loss': loss_sum / total_weight, 'grad_norm': optimizer_lib.global_norm(grads),
+    metrics = {'loss': loss_sum / total_weight, 'grad_norm': grad_norm,
                'supervised_tokens': batch['weights'].sum()}
     return new_state, metrics
 
@@ -197,11 +197,17 @@ def build(config: ml_collections.ConfigDict, setup: Setup, mesh: jax.sharding.Me
   logging.info('parameters: %s trainable of %s (%s)', f'{n_trainable:,}', f'{n_total:,}', method)
 
   o = config.optim
+  decay_mask = optimizer_lib.default_decay_mask(trainable, decay_embeddings=o.decay_embeddings)
   tx, schedule = optimizer_lib.make_optimizer(
       lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps,
       decay_steps=o.decay_steps or config.train.steps, weight_decay=o.weight_decay,
       clip_norm=o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps, state_dtype=o.state_dtype,
-      decay_mask=optimizer_lib.default_decay_mask(trainable, decay_embeddings=o.decay_embeddings))
+      decay_mask=decay_mask)
+  # The chain gives the state (and its shardings); the step applies the same maths fused.
+  update = optimizer_lib.make_update(
+      schedule=schedule, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+      decay_mask=decay_mask, chunks=optimizer_lib.chunk_plan(trainable), b1=o.b1, b2=o.b2,
+      eps=o.eps, stochastic_rounding=o.stochastic_rounding)
   trainable_shardings = jax.tree.map(lambda x: x.sharding, trainable)
   opt_shardings = optimizer_lib.state_shardings(tx, trainable, trainable_shardings)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
@@ -213,9 +219,7 @@ def build(config: ml_collections.ConfigDict, setup: Setup, mesh: jax.sharding.Me
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   step_fn = jax.jit(
-      make_train_step(model=setup.model, tx=tx, grad_accum=o.grad_accum,
-                      param_dtype=dtype_of(config.model.param_dtype, 'model.param_dtype'),
-                      stochastic_rounding=o.stochastic_rounding,
+      make_train_step(model=setup.model, update=update, grad_accum=o.grad_accum,
                       logits_dtype=dtype_of(config.model.logits_dtype, 'model.logits_dtype')),
       in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, repl), donate_argnums=(0,))

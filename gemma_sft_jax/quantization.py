@@ -1,0 +1,151 @@
+"""8-bit blockwise quantisation of optimizer moments (bitsandbytes' dynamic maps).
+
+A moment of shape [..., n] is stored as int8 (signed map, first moment) or uint8 (unsigned map,
+second moment) codes of the same shape, plus an fp32 absmax per block of 256 elements along the
+LAST axis ([..., ceil(n / 256)]), so codes and scales shard like the param. The maps follow
+Dettmers et al. 2022: seven decades of ~constant relative precision, which suits Adam moments
+spread over orders of magnitude within a block.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCK_SIZE = 256
+
+# ---- Dynamic quantisation maps. ------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=2)
+def dynamic_map(*, signed: bool) -> np.ndarray:
+  """The 256 sorted code values of bitsandbytes' dynamic map, in [-1, 1] (signed) or [0, 1].
+
+  A code is a decimal exponent e in {-6..0} plus a linear fraction: the values 10^e · mid, where
+  `mid` runs over the midpoints of an even split of [0.1, 1] into 2^(e+6) parts (signed, with both
+  signs) or 2^(e+7) parts (unsigned: the sign bit buys one more fraction bit). Plus 0 and 1.0.
+  So the map covers seven decades with ~constant relative precision, which suits Adam moments
+  spread over orders of magnitude within a block. The signed map has 1.0 but not -1.0.
+
+  Args:
+    signed: the signed map (first moment) or the unsigned one (second moment).
+
+  Returns:
+    A read-only float32 array of 256 increasing values.
+  """
+  values = [0.0, 1.0]
+  for i in range(7):
+    parts = 2 ** i if signed else 2 ** (i + 1)
+    edges = np.linspace(0.1, 1.0, parts + 1)
+    mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)
+    values.extend(mids)
+    if signed:
+      values.extend(-mids)
+  table = np.sort(np.asarray(values, np.float32))
+  assert table.size == 256 and np.all(np.diff(table) > 0), table
+  table.flags.writeable = False
+  return table
+
+
+def _code_offset(signed: bool) -> int:
+  # int8 codes are table indices shifted by -128 (so they fit a signed byte); uint8 codes are
+  # the indices themselves.
+  return 128 if signed else 0
+
+
+class QuantizedArray(NamedTuple):
+  """An 8-bit blockwise-quantised array: x[..., j] ≈ map[codes[..., j]] · scales[..., j // 256]."""
+  codes: jax.Array   # [..., n] int8 (signed map) or uint8 (unsigned map)
+  scales: jax.Array  # [..., ceil(n / block)] float32 absmax per block
+
+
+def num_blocks(n: int, block_size: int) -> int:
+  return -(-n // block_size)
+
+
+def nearest_code_index(normed: jax.Array, *, signed: bool) -> jax.Array:
+  """Index (into `dynamic_map(signed)`) of the code nearest to each value in [-1, 1] / [0, 1].
+
+  Equal to `searchsorted(midpoints, normed, side='left')` (the tested reference), but computed
+  arithmetically: the map's decade and linear position give a candidate code, which is
+  then off by at most one and is corrected by comparing with its two neighbouring midpoints. A
+  binary search is 8 dependent gathers per element; on an H100 this path makes the 8-bit update
+  several times faster than `jnp.searchsorted(..., method='scan_unrolled')` (docs/optimizer.md).
+
+  Args:
+    normed: values divided by their block absmax.
+    signed: which map.
+
+  Returns:
+    int32 indices in [0, 255].
+  """
+  table = dynamic_map(signed=signed)
+  midpoints = jnp.asarray((table[:-1] + table[1:]) / 2)
+  a = jnp.abs(normed) if signed else normed
+  # Decade i in 0..6 holds codes 10^(i-6) · [0.1, 1): count the decade edges at or below a.
+  decade = sum((a >= 10.0 ** (k - 7)).astype(jnp.int32) for k in range(1, 7))
+  parts = jnp.left_shift(1, decade + (0 if signed else 1))  # codes in this decade
+  before = parts - (1 if signed else 2)  # codes in lower decades (2^i - 1 or 2^(i+1) - 2)
+  scale = jnp.asarray(10.0 ** np.arange(-6, 1), jnp.float32)[decade]
+  frac = jnp.floor((a / scale - 0.1) * parts.astype(jnp.float32) / 0.9).astype(jnp.int32)
+  first_positive = 128 if signed else 1
+  cand = first_positive + before + jnp.clip(frac, 0, parts - 1)
+  lower, upper = midpoints[cand - 1], midpoints[jnp.minimum(cand, 254)]
+  if not signed:
+    index = cand - 1 + (a > lower) + (a > upper)
+  else:
+    # Negative codes mirror the positive ones around 0 (index 127), except that there is no
+    # -1.0: the most negative code is the mirror of 0.99297, so clip before mirroring. A tie
+    # goes to the lower code, as searchsorted(side='left') does: for negatives that is the
+    # larger magnitude, hence >=.
+    neg = normed < 0
+    above = lambda m: jnp.where(neg, a >= m, a > m)  # noqa: E731
+    index = cand - 1 + above(lower) + above(upper)
+    index = jnp.where(neg, 254 - jnp.minimum(index, 254), index)
+  return index.astype(jnp.int32)
+
+
+def quantize_blockwise(x: jax.Array, *, signed: bool,
+                       block_size: int = BLOCK_SIZE) -> QuantizedArray:
+  """Quantises x along its last axis in blocks, to the nearest code of the dynamic map.
+
+  Args:
+    x: an array of rank >= 1; the last axis is padded (with zeros) to a multiple of block_size.
+    signed: the signed map and int8 codes, or the unsigned map and uint8 codes (x >= 0).
+    block_size: elements per absmax block.
+
+  Returns:
+    QuantizedArray with codes shaped like x and scales [..., ceil(n / block_size)].
+  """
+  *lead, n = x.shape
+  nb = num_blocks(n, block_size)
+  x = x.astype(jnp.float32)
+  xb = jnp.pad(x, [(0, 0)] * len(lead) + [(0, nb * block_size - n)])
+  xb = xb.reshape(*lead, nb, block_size)
+  absmax = jnp.max(jnp.abs(xb), axis=-1)
+  normed = xb / jnp.where(absmax > 0, absmax, 1.0)[..., None]
+  index = nearest_code_index(normed, signed=signed)
+  index = index.reshape(*lead, nb * block_size)[..., :n]
+  codes = (index - _code_offset(signed)).astype(jnp.int8 if signed else jnp.uint8)
+  return QuantizedArray(codes=codes, scales=absmax)
+
+
+def dequantize_blockwise(q: QuantizedArray, *, block_size: int = BLOCK_SIZE) -> jax.Array:
+  """The float32 values of a QuantizedArray (the map follows from the code dtype)."""
+  signed = q.codes.dtype == jnp.int8
+  table = jnp.asarray(dynamic_map(signed=signed))
+  values = table[q.codes.astype(jnp.int32) + _code_offset(signed)]
+  n = q.codes.shape[-1]
+  return values * jnp.repeat(q.scales, block_size, axis=-1)[..., :n]
+
+
+def zero_quantized(shape: tuple[int, ...], *, signed: bool, block_size: int) -> QuantizedArray:
+  zero_code = int(np.searchsorted(dynamic_map(signed=signed), 0.0)) - _code_offset(signed)
+  return QuantizedArray(
+      codes=jnp.full(shape, zero_code, jnp.int8 if signed else jnp.uint8),
+      scales=jnp.zeros((*shape[:-1], num_blocks(shape[-1], block_size)), jnp.float32))
+
+
