@@ -1,19 +1,27 @@
 r"""Train-step benchmark: the real jitted step on synthetic full-length rows (random init is fine).
 
   python -m gemma_sft_jax.benchmark --config=configs/gemma2.py:size=2b,method=full \
-      --config.model.checkpoint= --config.train.batch_size=8 --config.train.seq_len=512
+      --config.model.checkpoint= --config.train.batch_size=8 --config.train.seq_len=512 \
+      --output=results/bench/DATE-DEVICE.jsonl
 
-Prints one JSON line: median step seconds over --steps timed steps (after 2 warm-up steps, the
-first of which compiles), tokens/s, MFU against the device's bf16 peak, and peak device memory.
+Prints (and with --output appends) one JSON line: median step seconds over --steps timed steps
+(after 2 warm-up steps, the first of which compiles), tokens/s, MFU against the device's bf16
+peak, peak device memory, and the compiled step's memory (arguments, temporaries, outputs).
+With --breakdown it then also times the step's halves on their own (forward + backward; the
+optimizer update), after the peak memory has been read. `benchmarks/hf_baseline.py` writes the
+same fields for transformers.
 """
 
+import datetime
 import json
 import statistics
 import time
 
 from absl import app
+from absl import logging
 from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
@@ -25,7 +33,57 @@ from gemma_sft_jax import train as train_lib
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=False)
 _STEPS = flags.DEFINE_integer('steps', 8, 'Timed steps.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Append the JSON result to this file.')
+_BREAKDOWN = flags.DEFINE_bool('breakdown', False,
+                               'Also time forward+backward and the optimizer update alone.')
+_TAG = flags.DEFINE_string('tag', '', 'Free-form label stored in the JSON line.')
 flags.mark_flag_as_required('config')
+
+_GIB = 2 ** 30
+
+
+def _median_seconds(fn, steps: int) -> float:
+  """Median wall time of fn() (which must block) over `steps` calls after one warm-up call."""
+  fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  return {'arguments_gib': m.argument_size_in_bytes / _GIB,
+          'temporaries_gib': m.temp_size_in_bytes / _GIB,
+          'outputs_gib': m.output_size_in_bytes / _GIB,
+          'aliased_gib': m.alias_size_in_bytes / _GIB}
+
+
+def _breakdown(parts, state, batch, steps: int) -> dict:
+  """Seconds of forward+backward alone and of the optimizer update alone (random gradients)."""
+  grad = jax.jit(lambda p, f, b: parts.grad_fn(p, f, b, jax.random.key(0)))
+  out = {}
+  out['grad_s'] = _median_seconds(
+      lambda: jax.block_until_ready(grad(state['params'], parts.frozen, batch)), steps)
+  # Gradients of the params' own dtype and scale, drawn on the devices, never zeros.
+  grads = jax.jit(lambda p: jax.tree.map(
+      lambda x: (jax.random.normal(jax.random.key(1), x.shape, jnp.float32) * 1e-3 * 4096
+                 ).astype(x.dtype), p))(state['params'])
+  update = jax.jit(lambda p, g, s: parts.update(p, g, s, divisor=4096.0, seed=jnp.uint32(0)),
+                   donate_argnums=(0, 2))
+  params, opt_state = state['params'], state['opt_state']
+
+  def run():
+    nonlocal params, opt_state
+    params, opt_state, norm = update(params, grads, opt_state)
+    jax.block_until_ready(norm)
+
+  out['update_s'] = _median_seconds(run, steps)
+  out['update_memory'] = _memory(update.lower(params, grads, opt_state).compile())
+  return out
 
 
 def _bench(config):
@@ -43,10 +101,14 @@ def _bench(config):
            'weights': np.ones((b, t), np.float32), 'segment_ids': np.ones((b, t), np.int32),
            'positions': np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  t1 = time.time()
+  compiled = parts.step_fn.lower(parts.state, parts.frozen, batch).compile()
+  compile_s = time.time() - t1
+  logging.info('compiled step in %.1f s; memory: %s', compile_s, _memory(compiled))
   state, times = parts.state, []
-  for i in range(_STEPS.value + 2):
+  for _ in range(_STEPS.value + 2):
     t1 = time.time()
-    state, m = parts.step_fn(state, parts.frozen, batch)
+    state, m = compiled(state, parts.frozen, batch)
     loss = float(jax.device_get(m['loss']))  # Blocks until the step is done.
     times.append(time.time() - t1)
   step_s = statistics.median(times[2:])
@@ -55,20 +117,29 @@ def _bench(config):
       n_matmul_params=train_lib.matmul_params(c), seq_len=t, n_layers=c.num_layers,
       d_attn=c.num_heads * c.head_dim, lora=config.tuning_method == 'lora')
   tps = b * t / step_s
+  device = jax.devices()[0].device_kind
   result = {
-      'model': config.model.variant, 'method': config.tuning_method, 'batch': b, 'seq_len': t,
-      'mesh': dict(mesh.shape), 'device': jax.devices()[0].device_kind, 'n_devices': mesh.size,
-      'param_dtype': config.model.param_dtype, 'state_dtype': config.optim.state_dtype,
-      'remat': config.model.remat, 'scan_layers': config.model.scan_layers,
-      'logits_dtype': config.model.logits_dtype,
-      'trainable_params': parts.n_trainable, 'total_params': parts.n_total,
-      'step_s_median': step_s, 'first_step_s': times[0], 'build_s': build_s,
+      'framework': 'gemma_sft_jax', 'model': config.model.variant,
+      'method': config.tuning_method, 'batch': b, 'seq_len': t, 'n_devices': mesh.size,
       'tokens_per_s': tps, 'tokens_per_s_per_device': tps / mesh.size,
+      'peak_memory_gib': (metrics_lib.device_memory() or 0) / _GIB, 'device': device,
+      'date': datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+      'mesh': dict(mesh.shape), 'param_dtype': config.model.param_dtype,
+      'state_dtype': config.optim.state_dtype, 'remat': config.model.remat,
+      'scan_layers': config.model.scan_layers, 'logits_dtype': config.model.logits_dtype,
+      'stochastic_rounding': config.optim.stochastic_rounding,
+      'trainable_params': parts.n_trainable, 'total_params': parts.n_total,
+      'step_s_median': step_s, 'first_step_s': times[0], 'compile_s': compile_s,
+      'build_s': build_s,
       'mfu': metrics_lib.mfu(tokens_per_s=tps, flops_per_token=fpt,
-                             peak_flops_per_device=metrics_lib.peak_flops_per_device(
-                                 jax.devices()[0].device_kind), n_devices=mesh.size),
-      'peak_memory_gib': (metrics_lib.device_memory() or 0) / 2 ** 30, 'last_loss': loss,
+                             peak_flops_per_device=metrics_lib.peak_flops_per_device(device),
+                             n_devices=mesh.size),
+      'step_memory': _memory(compiled), 'last_loss': loss, 'jax': jax.__version__,
   }
+  if _TAG.value:
+    result['tag'] = _TAG.value
+  if _BREAKDOWN.value:
+    result.update(_breakdown(parts, state, batch, _STEPS.value))
   line = json.dumps(result)
   print(line, flush=True)
   if _OUTPUT.value and jax.process_index() == 0:

@@ -122,16 +122,9 @@ def matmul_params(config: architecture.ModelConfig) -> int:
   return c.num_layers * per_layer + c.vocab_size * c.embed_dim
 
 
-def make_train_step(*, model: model_lib.Transformer, update: Callable[..., Any], grad_accum: int,
-                    logits_dtype: Any = jnp.float32) -> Callable[..., Any]:
-  """The step: microbatched forward/backward, then the fused optimizer update.
-
-  Returns train_step(state, frozen, batch) -> (state, metrics). Gradient sums over microbatches
-  are divided once by the global number of supervised tokens (inside `update`), so the result
-  does not depend on `grad_accum`, packing or the number of processes. With one microbatch the
-  gradients stay in the params' dtype (no fp32 copy of the model); with several they are summed
-  in fp32.
-  """
+def make_grad_fn(*, model: model_lib.Transformer,
+                 logits_dtype: Any = jnp.float32) -> Callable[..., Any]:
+  """grad_fn(trainable, frozen, batch, rng) -> ((loss_sum, weight_sum), gradient sums)."""
   softcap = model.config.final_logit_softcap
 
   def loss_sums(trainable, frozen, micro, rng):
@@ -143,8 +136,24 @@ def make_train_step(*, model: model_lib.Transformer, update: Callable[..., Any],
         hidden, params['embedder']['embedding'], micro['targets'], micro['weights'],
         softcap=softcap, logits_dtype=logits_dtype)
 
-  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+  return jax.value_and_grad(loss_sums, has_aux=True)
 
+
+def make_train_step(*, grad_fn: Callable[..., Any], update: Callable[..., Any],
+                    grad_accum: int) -> Callable[..., Any]:
+  """The step: microbatched forward/backward, then the fused optimizer update.
+
+  Returns train_step(state, frozen, batch) -> (state, metrics). Gradient sums over microbatches
+  are divided once by the global number of supervised tokens (inside `update`), so the result
+  does not depend on `grad_accum`, packing or the number of processes. With one microbatch the
+  gradients stay in the params' dtype (no fp32 copy of the model); with several they are summed
+  in fp32.
+
+  Args:
+    grad_fn: from `make_grad_fn`.
+    update: from `optimizer.make_update`.
+    grad_accum: microbatches per step.
+  """
   def train_step(state, frozen, batch):
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state['rng']))
     total_weight = jnp.maximum(batch['weights'].sum(), 1.0)
@@ -182,6 +191,10 @@ class Parts:
   frozen: dict[str, Any]
   schedule: Callable[[Any], Any]
   step_fn: Callable[..., Any]  # (state, frozen, batch) -> (state, metrics); donates state
+  # The step's two halves, unjitted, for benchmarks: grad_fn(trainable, frozen, batch, rng) and
+  # update(params, grad_sums, opt_state, *, divisor, seed) (optimizer.make_update).
+  grad_fn: Callable[..., Any]
+  update: Callable[..., Any]
   n_trainable: int
   n_total: int
 
@@ -218,12 +231,13 @@ def build(config: ml_collections.ConfigDict, setup: Setup, mesh: jax.sharding.Me
                                  'opt_state': opt_shardings, 'rng': repl})
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+  grad_fn = make_grad_fn(model=setup.model,
+                         logits_dtype=dtype_of(config.model.logits_dtype, 'model.logits_dtype'))
   step_fn = jax.jit(
-      make_train_step(model=setup.model, update=update, grad_accum=o.grad_accum,
-                      logits_dtype=dtype_of(config.model.logits_dtype, 'model.logits_dtype')),
+      make_train_step(grad_fn=grad_fn, update=update, grad_accum=o.grad_accum),
       in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, repl), donate_argnums=(0,))
-  return Parts(state, frozen, schedule, step_fn, n_trainable, n_total)
+  return Parts(state, frozen, schedule, step_fn, grad_fn, update, n_trainable, n_total)
 
 
 def write_json(path: str, obj: Any) -> None:
