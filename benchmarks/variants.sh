@@ -4,7 +4,7 @@
 # Each line carries the variant's name in "tag"; --breakdown adds forward+backward and update times.
 set -uo pipefail
 OUT=$1; shift
-B="python -m gemma_sft_jax.benchmark --config.model.checkpoint= --config.train.batch_size=8 --config.train.seq_len=512 --output=$OUT"
+COMMON="--config.model.checkpoint= --config.train.batch_size=8 --config.train.seq_len=512 --output=$OUT"
 declare -A V=(
   [2b_full_none_f32]="--config=configs/gemma2.py:size=2b,method=full --config.model.remat=none --config.model.logits_dtype=float32 --breakdown"
   [2b_full_none_bf16]="--config=configs/gemma2.py:size=2b,method=full --config.model.remat=none --config.model.logits_dtype=bfloat16 --breakdown"
@@ -16,5 +16,5 @@ declare -A V=(
 )
 for name in "$@"; do
   echo "== $name" >&2
-  timeout 240 $B ${V[$name]} --tag=$name 2>&1 | grep -E '^\{|compiled step|Error|error|RESOURCE' | cut -c1-600
+  timeout 240 python -m gemma_sft_jax.benchmark ${V[$name]} $COMMON --tag=$name 2>&1 | grep -E '^\{|compiled step|Error|error|RESOURCE' | cut -c1-600
 done
