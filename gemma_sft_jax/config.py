@@ -9,7 +9,7 @@ Fields (DESIGN.md's contract):
   model.variant       a named variant (see `architecture.VARIANTS`) used for random init / shape checks
   model.dtype         activation dtype, 'float32' | 'bfloat16'
   model.param_dtype   dtype of the stored (base) parameters, 'float32' | 'bfloat16'
-  model.remat         activation rematerialisation, 'none' | 'full' | 'dots'
+  model.remat         activation rematerialisation, 'none' | 'full' | 'dots' | 'save:PROJ,...'
   model.scan_layers   one nn.scan over the layers (stacked params; compile time independent of depth)
   tuning_method       'full' | 'lora'
   lora.*              rank, alpha, dropout, targets (regex over parameter paths)
@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tokenizer = ''  # '' = the checkpoint's own tokenizer
   c.model.dtype = 'float32'
   c.model.param_dtype = 'float32'
-  c.model.remat = 'none'  # 'none' | 'full' | 'dots'
+  c.model.remat = 'none'  # 'none' | 'full' | 'dots' | 'save:q_proj,...' (model.remat_policy)
   # One nn.scan over the layers (stacked 'layers/...' params): compile time independent of depth.
   c.model.scan_layers = False
   # Dtype of the vocab-chunk logits matmul in the loss: bfloat16 keeps its backward in bf16
@@ -78,6 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.stochastic_rounding = True  # only matters when param_dtype is bfloat16
   c.optim.grad_accum = 1
+  # The 8-bit update: 'auto' = one Pallas kernel per leaf on GPUs, XLA elsewhere; 'xla'; 'pallas'.
+  c.optim.update_kernel = 'auto'
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100

@@ -14,6 +14,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from gemma_sft_jax import data as data_lib
@@ -61,6 +62,8 @@ def _decode(config):
   d = config.decode
   sampling = sampler.SamplingParams(max_new_tokens=d.max_new_tokens, temperature=d.temperature,
                                     top_k=d.top_k, top_p=d.top_p)
+  logging.info('decoding %d prompt(s), up to %d new tokens each (the first batch compiles, or '
+               'reads the compilation cache)', len(prompts), d.max_new_tokens)
   completions = []
   for start in range(0, len(prompts), _BATCH.value):
     chunk = prompts[start:start + _BATCH.value]

@@ -38,6 +38,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from gemma_sft_jax import architecture
 
@@ -86,7 +87,7 @@ class Projection(nn.Module):
     kernel = self.param('kernel', init, self.shape, self.param_dtype)
     y = jnp.einsum(self.equation, x, kernel.astype(self.dtype))
     if not self.lora_rank:
-      return y
+      return checkpoint_name(y, self.name)
     # Adapters stay fp32 (they are what learns); they are cast to the compute dtype for the matmul.
     a = self.param('lora_a', nn.initializers.normal(stddev=fan_in ** -0.5),
                    (*self.shape[:self.in_dims], self.lora_rank), jnp.float32)
@@ -100,7 +101,7 @@ class Projection(nn.Module):
     in_axes, kout_axes = k_axes[:self.in_dims], k_axes[self.in_dims:]
     xa = jnp.einsum(f'{x_axes},{in_axes}R->{x_axes[:-self.in_dims]}R', x, a.astype(self.dtype))
     delta = jnp.einsum(f'{x_axes[:-self.in_dims]}R,R{kout_axes}->{out_axes}', xa, b.astype(self.dtype))
-    return y + (self.lora_alpha / self.lora_rank) * delta
+    return checkpoint_name(y + (self.lora_alpha / self.lora_rank) * delta, self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +262,26 @@ _REMAT_POLICIES = {
     'full': None,  # Recompute everything in the backward pass.
     'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+
+
+def remat_policy(remat: str) -> Any:
+  """The jax.checkpoint policy of `model.remat` ('none' is no remat at all: not asked here).
+
+  'full' saves only each layer's input, 'dots' every projection's output, and
+  'save:NAME,...' the outputs of the named projections (PROJECTIONS), e.g. all but the two
+  widest, 'save:q_proj,k_proj,v_proj,o_proj,down_proj', to trade compute for memory in between.
+  """
+  if remat.startswith('save:'):
+    names = tuple(n for n in remat[len('save:'):].split(',') if n)
+    unknown = sorted(set(names) - set(PROJECTIONS))
+    if not names or unknown:
+      raise ValueError(f'model.remat: {remat!r} names {unknown or "nothing"}; the projections are '
+                       f'{", ".join(PROJECTIONS)}')
+    return jax.checkpoint_policies.save_only_these_names(*names)
+  if remat not in _REMAT_POLICIES:
+    raise ValueError(f"model.remat: {remat!r} is not one of 'none', 'full', 'dots', 'save:...'")
+  return _REMAT_POLICIES[remat]
 
 
 class Transformer(nn.Module):
@@ -270,7 +291,7 @@ class Transformer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   lora: LoraSpec = LoraSpec()
-  remat: str = 'none'  # 'none' | 'full' | 'dots'
+  remat: str = 'none'  # 'none' | 'full' | 'dots' | 'save:PROJ,...' (remat_policy)
   # Optional sharding for [B, T, D] activations, applied at block boundaries so XLA keeps the
   # batch split the way the mesh says (see sharding.activation_sharding).
   activation_sharding: Any = None
@@ -292,9 +313,7 @@ class Transformer(nn.Module):
                              name='embedder')
     block = Block
     if self.remat != 'none':
-      if self.remat not in _REMAT_POLICIES:
-        raise ValueError(f"model.remat: {self.remat!r} is not one of 'none', 'full', 'dots'")
-      block = nn.remat(Block, policy=_REMAT_POLICIES[self.remat], static_argnums=(6,))
+      block = nn.remat(Block, policy=remat_policy(self.remat), static_argnums=(6,))
 
     def ranks(i):
       return ({p: self.lora.rank_for(f'layer_{i}/attn/{p}/kernel')

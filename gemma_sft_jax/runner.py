@@ -28,6 +28,8 @@ from gemma_sft_jax import train as train_lib
 
 # Errors that mean "the input is wrong": reported in one line, exit status 2.
 BAD_INPUT = (ValueError, FileNotFoundError, KeyError, train_lib.TrainingError)
+# Programs that compile faster than this are not worth a cache file (see setup_jax).
+_MIN_CACHED_COMPILE_SECS = 0.0
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -37,8 +39,27 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
 
 
+def compilation_cache_dir(env: dict[str, str] | None = None) -> str | None:
+  """Where compiled programs persist between runs (None: nowhere).
+
+  JAX_COMPILATION_CACHE_DIR when set; else GEMMA_SFT_JAX_COMPILATION_CACHE ('0' turns the cache
+  off, a path moves it); else gemma_sft_jax/jax under $XDG_CACHE_HOME (default ~/.cache).
+  """
+  env = os.environ if env is None else env
+  if env.get('JAX_COMPILATION_CACHE_DIR'):
+    return env['JAX_COMPILATION_CACHE_DIR']
+  choice = env.get('GEMMA_SFT_JAX_COMPILATION_CACHE', '')
+  if choice.lower() in ('0', 'off', 'false', 'no'):
+    return None
+  if choice:
+    return os.path.expanduser(choice)
+  base = env.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'gemma_sft_jax', 'jax')
+
+
 def setup_jax() -> None:
-  """Multi-host initialisation when the environment describes several processes.
+  """Multi-host initialisation when the environment describes several processes; the persistent
+  compilation cache (`compilation_cache_dir`).
 
   `jax.distributed.initialize()` finds the coordinator itself on TPU pods, under SLURM, and with
   JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set (see launch/).
@@ -51,9 +72,21 @@ def setup_jax() -> None:
   elif env.get('SLURM_NTASKS', '1') != '1' or env.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0:
     jax.distributed.initialize()  # Finds the coordinator in the SLURM / TPU environment.
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  cache = env.get('JAX_COMPILATION_CACHE_DIR')
-  if cache:
-    jax.config.update('jax_compilation_cache_dir', cache)
+  cache = compilation_cache_dir(env)
+  if not cache:
+    return
+  try:
+    os.makedirs(cache, exist_ok=True)
+  except OSError as e:
+    logging.warning('compilation cache %s: %s; compiling without it', cache, e)
+    return
+  logging.info('JAX compilation cache: %s', cache)
+  jax.config.update('jax_compilation_cache_dir', cache)
+  # JAX keeps only programs that took >= 1 s to compile; a start-up runs dozens of smaller ones
+  # (weight placement, init, the sampler's pieces) whose compiles add up to seconds. An explicit
+  # JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS still wins.
+  if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in env:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', _MIN_CACHED_COMPILE_SECS)
 
 
 def exit_on_bad_input(fn: Callable[..., Any], *args, **kwargs) -> Any:

@@ -7,8 +7,13 @@ Everything downstream uses only this small surface, which transformers tokenizer
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Sequence
+
+from absl import logging
+
+from gemma_sft_jax import gguf_file
 
 # Ids of the byte tokenizer's special tokens; byte b is id b + _BYTE_OFFSET.
 _PAD, _EOS, _BOS = 0, 1, 2
@@ -38,8 +43,45 @@ class ByteTokenizer:
     return data.decode('utf-8', errors='replace')
 
 
+class JsonTokenizer:
+  """A saved HF tokenizer (tokenizer.json, tokenizer_config.json) run by `tokenizers` itself.
+
+  The same tokenizer as transformers' AutoTokenizer on those files, without its ~4 s of start-up
+  for a 262k vocabulary (it imports torch and parses the 33 MB JSON in Python before handing the
+  vocabulary to `tokenizers`). `encode` adds special tokens by default, as transformers does.
+  """
+
+  def __init__(self, directory: str):
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    self._tok = tokenizers.Tokenizer.from_file(os.path.join(directory, 'tokenizer.json'))
+    config = {}
+    config_path = os.path.join(directory, 'tokenizer_config.json')
+    if os.path.exists(config_path):
+      with open(config_path) as f:
+        config = json.load(f)
+
+    def special(name):
+      token = config.get(name)
+      token = token.get('content') if isinstance(token, dict) else token
+      return self._tok.token_to_id(token) if token else None
+    self.bos_token_id = special('bos_token')
+    self.eos_token_id = special('eos_token')
+    self.pad_token_id = special('pad_token')
+
+  def __len__(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
 # Words that are single tokens in Gemma's vocabulary; a correct tokenizer encodes each as one id.
 _PROBES = ('Question', 'Answer', ' the', ' number', ' total')
+# In a GGUF tokenizer cache: the stamp of the files that last passed `check_gguf_tokenizer`.
+_CHECKED = 'checked.json'
 
 
 def check_gguf_tokenizer(tok: Any, path: str) -> None:
@@ -50,12 +92,11 @@ def check_gguf_tokenizer(tok: Any, path: str) -> None:
   66.5 -> 258.9 tokens), which quietly degrades every number measured with that tokenizer. Catch
   it here instead.
   """
-  import gguf  # pylint: disable=g-import-not-at-top
-  field = gguf.GGUFReader(path).fields['tokenizer.ggml.tokens']
-  vocab = {bytes(field.parts[i]).decode('utf-8', errors='replace'): n
-           for n, i in enumerate(field.data)}
-  for word in _PROBES:
-    piece = word.replace(' ', '\u2581')
+  pieces = {word: word.replace(' ', '\u2581') for word in _PROBES}
+  wanted = set(pieces.values())
+  tokens = gguf_file.read(path).fields['tokenizer.ggml.tokens']
+  vocab = {piece: n for n, piece in enumerate(tokens) if piece in wanted}
+  for word, piece in pieces.items():
     if piece in vocab:
       got = list(tok.encode(word, add_special_tokens=False))
       if got != [vocab[piece]]:
@@ -71,26 +112,54 @@ def _transformers_version() -> str:
   return transformers.__version__
 
 
+def _stamp(path: str, cache: str) -> dict[str, Any]:
+  """What a passed check stands for: the GGUF, the cached vocabulary, the library that runs it."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
+  def file(p):
+    st = os.stat(p)
+    return [st.st_size, st.st_mtime_ns]
+  return {'gguf': file(path), 'tokenizer.json': file(os.path.join(cache, 'tokenizer.json')),
+          'tokenizers': tokenizers.__version__, 'probes': list(_PROBES)}
+
+
+def _passed_check(path: str, cache: str) -> bool:
+  try:
+    with open(os.path.join(cache, _CHECKED)) as f:
+      return json.load(f) == _stamp(path, cache)
+  except (OSError, ValueError):
+    return False
+
+
 def _gguf_tokenizer(path: str) -> Any:
   """Builds the tokenizer stored in a GGUF file, cached as HF files beside it (building takes ~30 s).
 
   The cache is plain tokenizer.json: any transformers release reads it, so a cache built where the
-  conversion is right can be copied next to the GGUF on a machine where it is not.
+  conversion is right can be copied next to the GGUF on a machine where it is not. Each cache is
+  checked (`check_gguf_tokenizer`) once: the stamp of what passed is kept in it, and a changed
+  GGUF, tokenizer.json or `tokenizers` release is checked again.
   """
-  import transformers  # pylint: disable=g-import-not-at-top
-
   cache = path + '.tokenizer'
-  if os.path.isdir(cache):
-    tok = transformers.AutoTokenizer.from_pretrained(cache)
+  if not os.path.isdir(cache):
+    import transformers  # pylint: disable=g-import-not-at-top
+    logging.info('building the tokenizer of %s from its GGUF vocabulary (once: cached in %s)',
+                 path, cache)
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path) or '.',
+                                                     gguf_file=os.path.basename(path))
+    check_gguf_tokenizer(tok, path)  # A broken conversion is never written.
+    try:
+      tok.save_pretrained(cache)
+    except OSError:
+      return tok  # A read-only location only costs the rebuild next time.
+  logging.info('loading the tokenizer %s', cache)
+  tok = JsonTokenizer(cache)
+  if not _passed_check(path, cache):
     check_gguf_tokenizer(tok, path)
-    return tok
-  tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path) or '.',
-                                                   gguf_file=os.path.basename(path))
-  check_gguf_tokenizer(tok, path)
-  try:
-    tok.save_pretrained(cache)
-  except OSError:
-    pass  # A read-only location only costs the rebuild next time.
+    try:
+      with open(os.path.join(cache, _CHECKED), 'w') as f:
+        json.dump(_stamp(path, cache), f)
+    except OSError:
+      pass  # A read-only cache is checked on every load instead.
   return tok
 
 

@@ -114,6 +114,16 @@ def init_params(setup: Setup, *, mesh: jax.sharding.Mesh, seed: int) -> Any:
   return lora.join(base, adapters)
 
 
+def update_kernel(name: str, mesh: jax.sharding.Mesh) -> str:
+  """optim.update_kernel -> make_update's `kernel`: 'auto' is the Pallas kernel on GPUs."""
+  if name not in ('auto', 'xla', 'pallas'):
+    raise ValueError(f"optim.update_kernel: {name!r} is not 'auto', 'xla' or 'pallas'")
+  platform = mesh.devices.flat[0].platform
+  if name == 'pallas' and platform != 'gpu':
+    raise ValueError(f"optim.update_kernel='pallas' needs GPUs (the mesh is on {platform})")
+  return 'pallas' if name == 'pallas' or (name == 'auto' and platform == 'gpu') else 'xla'
+
+
 def matmul_params(config: architecture.ModelConfig) -> int:
   """N for 6·N FLOPs/token: every projection plus the (tied) output head."""
   c = config
@@ -217,11 +227,12 @@ def build(config: ml_collections.ConfigDict, setup: Setup, mesh: jax.sharding.Me
       clip_norm=o.clip_norm, b1=o.b1, b2=o.b2, eps=o.eps, state_dtype=o.state_dtype,
       decay_mask=decay_mask)
   # The chain gives the state (and its shardings); the step applies the same maths fused.
+  trainable_shardings = jax.tree.map(lambda x: x.sharding, trainable)
   update = optimizer_lib.make_update(
       schedule=schedule, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
       decay_mask=decay_mask, chunks=optimizer_lib.chunk_plan(trainable), b1=o.b1, b2=o.b2,
-      eps=o.eps, stochastic_rounding=o.stochastic_rounding)
-  trainable_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+      eps=o.eps, stochastic_rounding=o.stochastic_rounding,
+      kernel=update_kernel(o.update_kernel, mesh), shardings=trainable_shardings)
   opt_shardings = optimizer_lib.state_shardings(tx, trainable, trainable_shardings)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
   repl = sharding.replicated(mesh)

@@ -141,7 +141,7 @@ def test_remat_gives_same_gradients():
     return jax.grad(lambda p: m.apply({'params': p}, tokens)[0].mean())(params)
 
   ref = grads('none')
-  for remat in ('full', 'dots'):
+  for remat in ('full', 'dots', 'save:q_proj,k_proj,v_proj,o_proj,down_proj'):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, grads(remat))
 
 

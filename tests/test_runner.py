@@ -1,0 +1,58 @@
+"""runner.setup_jax: the persistent compilation cache is on by default, and can be moved or turned
+off; the decode CLI says what it is doing at each start-up phase."""
+
+import os
+import subprocess
+import sys
+
+from gemma_sft_jax import runner
+from tests.conftest import ROOT, cli_env
+
+
+def test_compilation_cache_dir_choices():
+  home = os.path.expanduser('~')
+  assert runner.compilation_cache_dir({}) == os.path.join(home, '.cache', 'gemma_sft_jax', 'jax')
+  assert runner.compilation_cache_dir({'XDG_CACHE_HOME': '/x'}) == '/x/gemma_sft_jax/jax'
+  assert runner.compilation_cache_dir({'GEMMA_SFT_JAX_COMPILATION_CACHE': '/c'}) == '/c'
+  for off in ('0', 'off', 'false', 'no', 'OFF'):
+    assert runner.compilation_cache_dir({'GEMMA_SFT_JAX_COMPILATION_CACHE': off}) is None
+  # JAX's own variable wins over everything else.
+  assert runner.compilation_cache_dir({'JAX_COMPILATION_CACHE_DIR': '/j',
+                                       'GEMMA_SFT_JAX_COMPILATION_CACHE': '0'}) == '/j'
+
+
+def _decode(tmp_path, **env_overrides):
+  """The tiny decode CLI with a home of its own and no JAX_COMPILATION_CACHE_DIR."""
+  env = cli_env(str(tmp_path / 'unused'))
+  del env['JAX_COMPILATION_CACHE_DIR']
+  env.pop('XDG_CACHE_HOME', None)
+  env.pop('GEMMA_SFT_JAX_COMPILATION_CACHE', None)
+  env.update(HOME=str(tmp_path / 'home'), **env_overrides)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'gemma_sft_jax.decode', '--config=configs/tiny.py:family=gemma2',
+       r'--prompt=Question: 2+3?\nAnswer:', '--config.decode.max_new_tokens=4'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return proc
+
+
+def _files(directory):
+  return [os.path.join(d, f) for d, _, files in os.walk(directory) for f in files]
+
+
+def test_compilation_cache_on_by_default_and_can_be_turned_off(tmp_path):
+  default = tmp_path / 'home' / '.cache' / 'gemma_sft_jax' / 'jax'
+  proc = _decode(tmp_path, GEMMA_SFT_JAX_COMPILATION_CACHE='0')
+  assert not os.path.exists(default)
+  assert 'JAX compilation cache' not in proc.stderr
+
+  proc = _decode(tmp_path)
+  assert f'JAX compilation cache: {default}' in proc.stderr
+  # Small programs are kept too: the decoder and the random init are both in there.
+  assert len(_files(default)) >= 2
+  assert 'decoding 1 prompt(s), up to 4 new tokens each' in proc.stderr
+
+  moved = tmp_path / 'moved'
+  _decode(tmp_path, GEMMA_SFT_JAX_COMPILATION_CACHE=str(moved))
+  assert sorted(os.path.basename(f) for f in _files(moved)) == \
+      sorted(os.path.basename(f) for f in _files(default))  # The same programs, cached anew.
