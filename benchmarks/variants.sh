@@ -12,16 +12,10 @@ declare -A V=(
   [9b_full_full_bf16]="--config=configs/gemma2.py:size=9b,method=full --config.model.remat=full --config.model.logits_dtype=bfloat16 --breakdown --steps=6"
   [9b_full_dots_bf16]="--config=configs/gemma2.py:size=9b,method=full --config.model.remat=dots --config.model.logits_dtype=bfloat16 --steps=6"
   [9b_lora_dots_bf16]="--config=configs/gemma2.py:size=9b,method=lora --config.model.remat=dots --config.model.logits_dtype=bfloat16 --breakdown --steps=6"
-  [2b_full_dots_xla]="--config=configs/gemma2.py:size=2b,method=full --config.model.remat=dots --config.model.logits_dtype=bfloat16 --config.optim.update_kernel=xla"
-  [2b_full_dots_pallas]="--config=configs/gemma2.py:size=2b,method=full --config.model.remat=dots --config.model.logits_dtype=bfloat16 --config.optim.update_kernel=pallas --breakdown"
-  [2b_full_none_pallas]="--config=configs/gemma2.py:size=2b,method=full --config.model.remat=none --config.model.logits_dtype=bfloat16 --config.optim.update_kernel=pallas"
-  [9b_full_full_pallas]="--config=configs/gemma2.py:size=9b,method=full --config.model.remat=full --config.model.logits_dtype=bfloat16 --config.optim.update_kernel=pallas --breakdown --steps=6"
-  [9b_full_save5_pallas]="--config=configs/gemma2.py:size=9b,method=full --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj --config.model.logits_dtype=bfloat16 --config.optim.update_kernel=pallas --steps=6"
-  [9b_full_dots_pallas]="--config=configs/gemma2.py:size=9b,method=full --config.model.remat=dots --config.model.logits_dtype=bfloat16 --config.optim.update_kernel=pallas --steps=6"
-  [9b_lora_dots_pallas]="--config=configs/gemma2.py:size=9b,method=lora --config.model.remat=dots --config.model.logits_dtype=bfloat16 --config.optim.update_kernel=pallas --steps=6"
   [9b_lora_none_bf16]="--config=configs/gemma2.py:size=9b,method=lora --config.model.remat=none --config.model.logits_dtype=bfloat16 --steps=6"
 )
 for name in "$@"; do
   echo "== $name" >&2
   timeout 240 python -m gemma_sft_jax.benchmark ${V[$name]} $COMMON --tag=$name 2>&1 | grep -E '^\{|compiled step|Error|error|RESOURCE' | cut -c1-600
 done
+

@@ -19,9 +19,15 @@ def get_config(arg=None):
   c.model.checkpoint = f'google/gemma-2-{args.size}'
   c.model.variant = f'gemma2_{args.size}'
   c.model.dtype = 'bfloat16'
-  # bf16 storage with stochastic rounding lets full SFT of 9B fit one 80 GB GPU.
+  # bf16 params with stochastically rounded updates, int8 Adam states: full SFT of 9B (batch
+  # 8 x 512, remat 'full') peaks at 54.8 GiB on one GPU (BENCHMARKS.md).
   c.model.param_dtype = 'bfloat16'
-  c.model.remat = 'full' if args.size != '2b' else 'dots'
+  # Measured on an H200 (BENCHMARKS.md): 'dots' is the fastest where it fits (2B full: 21 GiB;
+  # 9B LoRA: 48.6 GiB, 9,574 vs 7,955 tokens/s with 'full'); 9B full with 'dots' needs 68.6 GiB.
+  c.model.remat = 'dots' if args.size == '2b' or (args.size, args.method) == ('9b', 'lora') else 'full'
+  # Logits of the chunked loss in bf16 (statistics in fp32): the head's backward matmuls take a
+  # bf16 cotangent and run at bf16 speed (2B full SFT: 17,108 vs 15,448 tokens/s on an H200).
+  c.model.logits_dtype = 'bfloat16'
   # One scanned layer instead of 26-46 unrolled ones: build and compile time stop growing with depth.
   c.model.scan_layers = True
   c.tuning_method = args.method

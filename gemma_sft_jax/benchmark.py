@@ -128,7 +128,6 @@ def _bench(config):
       'state_dtype': config.optim.state_dtype, 'remat': config.model.remat,
       'scan_layers': config.model.scan_layers, 'logits_dtype': config.model.logits_dtype,
       'stochastic_rounding': config.optim.stochastic_rounding,
-      'update_kernel': train_lib.update_kernel(config.optim.update_kernel, mesh),
       'trainable_params': parts.n_trainable, 'total_params': parts.n_total,
       'step_s_median': step_s, 'first_step_s': times[0], 'compile_s': compile_s,
       'build_s': build_s,

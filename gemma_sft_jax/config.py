@@ -78,8 +78,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.stochastic_rounding = True  # only matters when param_dtype is bfloat16
   c.optim.grad_accum = 1
-  # The 8-bit update: 'auto' = one Pallas kernel per leaf on GPUs, XLA elsewhere; 'xla'; 'pallas'.
-  c.optim.update_kernel = 'auto'
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100

@@ -32,7 +32,6 @@ place.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -42,7 +41,6 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gemma_sft_jax import adam_kernel
 from gemma_sft_jax import quantization as quant
 from gemma_sft_jax import rounding
 from gemma_sft_jax.quantization import BLOCK_SIZE, QuantizedArray
@@ -370,8 +368,7 @@ def chunk_plan(params: Any) -> Any:
 
 def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: float | None,
                 decay_mask: Any, chunks: Any, b1: float = 0.9, b2: float = 0.999,
-                eps: float = 1e-8, block_size: int = BLOCK_SIZE, stochastic_rounding: bool = True,
-                kernel: str = 'xla', shardings: Any = None) -> Any:
+                eps: float = 1e-8, block_size: int = BLOCK_SIZE, stochastic_rounding: bool = True) -> Any:
   """The training update with the semantics of `make_optimizer`'s chain, fused per block.
 
   For each leaf (or block of `chunks` along axis 0, in place, one after another): the gradient
@@ -391,12 +388,6 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     eps: Adam epsilon.
     block_size: the 8-bit absmax block (as the state was made with).
     stochastic_rounding: round bf16 params stochastically (else to nearest).
-    kernel: 'xla' (blocks as above), 'pallas' (GPU: leaves with 8-bit moments and whole
-      256-blocks along the last axis take one Pallas kernel each, `adam_kernel`; the rest XLA)
-      or 'interpret' (the same kernel in the Pallas interpreter, for tests).
-    shardings: the params' NamedShardings (a tree like params), needed by the kernel on a mesh
-      of more than one device: it runs per shard (`jax.shard_map`), each shard drawing its
-      rounding bits under its own seed, so bf16 results depend on the mesh there.
 
   Returns:
     update(params, grad_sums, opt_state, *, divisor, seed) -> (params, opt_state, grad_norm):
@@ -414,29 +405,7 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     bc = _bias_corrections(b1, b2, count)
     lr = jnp.asarray(schedule(sched.count), jnp.float32)
     divisor = jnp.asarray(divisor, jnp.float32)
-    def kernel_leaf(p, g, mu, nu, decay, seed_leaf, sharding):
-      floats = jnp.stack([divisor, norm, lr, bc[0], bc[1], 0.0, 0.0, 0.0]).astype(jnp.float32)
-      fn = functools.partial(
-          adam_kernel.update_leaf, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-          clip_norm=clip_norm, decay=decay, stochastic_rounding=stochastic_rounding,
-          interpret=kernel == 'interpret')
-      specs = _kernel_specs(sharding, mu)
-      if specs is None:  # One device (or replicated): the whole leaf in one kernel.
-        ints = jnp.stack([seed_leaf, jnp.uint32(0)])
-        return fn(p, g, mu, nu, floats=floats, ints=ints)
-      mesh, spec, q_spec = specs
-
-      def local(p, g, mu, nu, floats):
-        shard = jax.lax.axis_index(mesh.axis_names)
-        ints = jnp.stack([rounding.fold_seed(seed_leaf, shard), jnp.uint32(0)])
-        return fn(p, g, mu, nu, floats=floats, ints=ints)
-
-      return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, q_spec, q_spec, P()),
-                           out_specs=(spec, q_spec, q_spec), check_vma=False)(p, g, mu, nu, floats)
-
     leaves, treedef = jax.tree.flatten(params)
-    shardings_ = (treedef.flatten_up_to(shardings) if shardings is not None
-                  else [None] * len(leaves))
     grads, mus, nus, decays, plan = (
         treedef.flatten_up_to(t) for t in (grad_sums, adam.mu, adam.nu, decay_mask, chunks))
 
@@ -472,8 +441,6 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
       # Only 8-bit moments need blocks: their absmax reductions split the update into several
       # XLA fusions with whole-leaf fp32 intermediates. With bf16/fp32 moments the whole-leaf
       # update is one elementwise fusion without temporaries (a loop would only add copies).
-      if kernel != 'xla' and adam_kernel.applicable(p, mu):
-        return kernel_leaf(p, g, mu, nu, decay, seed_leaf, shardings_[index])
       if n == 1 or not isinstance(mu, QuantizedArray):
         return block(p, g, mu, nu, decay, seed_leaf, 0)
       rows = p.shape[0] // n
@@ -503,20 +470,6 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     return new_params, type(opt_state)(new_state), norm
 
   return update
-
-
-def _kernel_specs(sharding: Any, mu: Any) -> tuple[Any, P, Any] | None:
-  """(mesh, param spec, QuantizedArray of specs) to run the kernel per shard; None when the leaf
-  is on one device or replicated. Raises if the block scales do not split like the codes."""
-  if not isinstance(sharding, NamedSharding) or sharding.is_fully_replicated:
-    return None
-  spec = P(*(list(sharding.spec) + [None] * (mu.codes.ndim - len(sharding.spec))))
-  scales = _scales_sharding(sharding, tuple(mu.scales.shape)).spec
-  scales = P(*(list(scales) + [None] * (mu.scales.ndim - len(scales))))
-  if scales != spec:
-    raise ValueError(f'optim.update_kernel: a leaf of shape {mu.codes.shape} with sharding {spec} '
-                     'splits its last axis inside 256-element blocks; use the XLA update')
-  return sharding.mesh, spec, QuantizedArray(codes=spec, scales=spec)
 
 
 def _barrier(x: jax.Array) -> jax.Array:

@@ -114,16 +114,6 @@ def init_params(setup: Setup, *, mesh: jax.sharding.Mesh, seed: int) -> Any:
   return lora.join(base, adapters)
 
 
-def update_kernel(name: str, mesh: jax.sharding.Mesh) -> str:
-  """optim.update_kernel -> make_update's `kernel`: 'auto' is the Pallas kernel on GPUs."""
-  if name not in ('auto', 'xla', 'pallas'):
-    raise ValueError(f"optim.update_kernel: {name!r} is not 'auto', 'xla' or 'pallas'")
-  platform = mesh.devices.flat[0].platform
-  if name == 'pallas' and platform != 'gpu':
-    raise ValueError(f"optim.update_kernel='pallas' needs GPUs (the mesh is on {platform})")
-  return 'pallas' if name == 'pallas' or (name == 'auto' and platform == 'gpu') else 'xla'
-
-
 def matmul_params(config: architecture.ModelConfig) -> int:
   """N for 6·N FLOPs/token: every projection plus the (tied) output head."""
   c = config
@@ -231,8 +221,7 @@ def build(config: ml_collections.ConfigDict, setup: Setup, mesh: jax.sharding.Me
   update = optimizer_lib.make_update(
       schedule=schedule, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
       decay_mask=decay_mask, chunks=optimizer_lib.chunk_plan(trainable), b1=o.b1, b2=o.b2,
-      eps=o.eps, stochastic_rounding=o.stochastic_rounding,
-      kernel=update_kernel(o.update_kernel, mesh), shardings=trainable_shardings)
+      eps=o.eps, stochastic_rounding=o.stochastic_rounding)
   opt_shardings = optimizer_lib.state_shardings(tx, trainable, trainable_shardings)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
   repl = sharding.replicated(mesh)
