@@ -326,7 +326,7 @@ def load_params(checkpoint: str, *, config: architecture.ModelConfig, shapes: An
   want = {k: v for k, v in _flatten(shapes).items() if not k.rsplit('/', 1)[-1].startswith('lora_')}
   flat_shardings = (_flatten(shardings) if shardings is not None else
                     dict.fromkeys(want, jax.sharding.SingleDeviceSharding(jax.local_devices()[0])))
-  logging.info('loading %d weight tensors from %s onto %d device(s)', len(want), path,
+  logging.info('loading the weights of %s onto %d device(s)', path,
                len({d for s in flat_shardings.values() for d in s.device_set}))
   # Scanned layers (model.scan_layers): 'layers/x' [L, ...] is stacked from the checkpoint's
   # per-layer tensors, which are matched as 'layer_{i}/x' and kept as host views until then.
@@ -363,7 +363,7 @@ def load_params(checkpoint: str, *, config: architecture.ModelConfig, shapes: An
       continue
     out[ours] = jax.make_array_from_callback(
         spec.shape, flat_shardings[ours],
-        lambda idx, view=view, dtype=dtype: np.asarray(view[idx]).astype(dtype))
+        lambda idx, view=view, dtype=dtype: np.asarray(view[idx]).astype(dtype, copy=False))
   missing = sorted(set(want) - set(out) - set(views))
   if missing:
     raise CheckpointError(f'{path}: missing tensor {path_to_hf(missing[0])!r} (for {missing[0]})'

@@ -62,7 +62,7 @@ def test_same_as_gguf_reader(tmp_path):
 def test_q8_0_chunked_dequantisation_is_bitwise_gguf():
   # More blocks than one chunk holds, so several threads each write their part.
   rng = np.random.default_rng(1)
-  blocks = np.empty((3 * 65536 + 5, 34), np.uint8)
+  blocks = np.empty((3 * 65540, 34), np.uint8)  # 3 chunks of 1 << 16 blocks and a bit.
   blocks[:, :2] = rng.uniform(-2, 2, (len(blocks), 1)).astype(np.float16).view(np.uint8)
   blocks[:, 2:] = rng.integers(-128, 128, (len(blocks), 32), dtype=np.int8).view(np.uint8)
   data = blocks.reshape(-1, 5 * 34)  # Rows of 5 blocks: 160 values each.
