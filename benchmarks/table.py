@@ -85,7 +85,7 @@ def scaling_table(rows: list[dict]) -> str:
 TABLES = {'compare': compare_table, 'scaling': scaling_table}
 
 
-BLOCK = re.compile(r'(<!-- bench:(\w+):begin source=(\S+) -->\n)(.*?)(\n<!-- bench:\2:end -->)',
+BLOCK = re.compile(r'(<!-- bench:(\w+):begin source=(\S+) -->\n)(.*?)\n?(<!-- bench:\2:end -->)',
                    re.S)
 
 
@@ -103,7 +103,7 @@ def write(path: str, root: str = '.') -> int:
   with open(path) as f:
     text = f.read()
   text, count = BLOCK.subn(
-      lambda m: m.group(1) + render(m.group(2), m.group(3), root) + m.group(5), text)
+      lambda m: m.group(1) + render(m.group(2), m.group(3), root) + '\n' + m.group(5), text)
   with open(path, 'w') as f:
     f.write(text)
   return count
