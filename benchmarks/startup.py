@@ -4,9 +4,9 @@ r"""Start-up benchmark: the decode CLI on the Gemma 3 270M base against the tiny
   python benchmarks/startup.py --summary results/startup/2026-11-29-cpu.jsonl
 
 Runs `python -m gemma_sft_jax.decode --config=C --prompt='Question: 2+3?\nAnswer:'
---config.decode.max_new_tokens=N` for each config C and each N in subprocesses (JAX on CPU): once
-with an empty JAX compilation cache ('cold'), then --repeats times with that cache filled
-('warm'). The cache is a fresh directory named by JAX_COMPILATION_CACHE_DIR, so the runs neither
+--config.decode.max_new_tokens=N [--flags]` for each config C and each N in subprocesses (JAX on
+CPU): once with an empty JAX compilation cache ('cold'), then --repeats times with that cache
+filled ('warm'). The cache is a fresh directory named by JAX_COMPILATION_CACHE_DIR, so the runs neither
 use nor fill the per-user cache. A bare `import gemma_sft_jax.decode` is timed the same way
 ('imports'). Checkpoint and tokenizer caches beside the GGUF are used as they are.
 
@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--repeats', type=int, default=3, help='Warm runs per command.')
   p.add_argument('--max_new_tokens', default='8,256', help='Comma-separated decode lengths.')
   p.add_argument('--configs', default=','.join(_CONFIGS), help='Comma-separated --config values.')
+  p.add_argument('--flags', default='',
+                 help='Space-separated extra decode flags, e.g. --config.model.scan_layers=false.')
   p.add_argument('--summary', metavar='JSONL', help='Print the table of a results file and exit.')
   return p.parse_args(argv)
 
@@ -87,7 +89,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
   for n in [int(x) for x in args.max_new_tokens.split(',')]:
     for config in args.configs.split(','):
       cases.append((config, n, ['-m', 'gemma_sft_jax.decode', f'--config={config}',
-                                f'--prompt={_PROMPT}', f'--config.decode.max_new_tokens={n}']))
+                                f'--prompt={_PROMPT}', f'--config.decode.max_new_tokens={n}',
+                                *args.flags.split()]))
   rows = []
   for config, n, argv in cases:
     with tempfile.TemporaryDirectory(prefix='jax_cache_') as cache_dir:
