@@ -313,7 +313,10 @@ class Transformer(nn.Module):
                              name='embedder')
     block = Block
     if self.remat != 'none':
-      block = nn.remat(Block, policy=remat_policy(self.remat), static_argnums=(6,))
+      # Under nn.scan the loop already keeps XLA from merging the recomputation back into the
+      # forward pass, so the CSE barriers jax.checkpoint adds by default are not needed there.
+      block = nn.remat(Block, policy=remat_policy(self.remat), static_argnums=(6,),
+                       prevent_cse=not self.scan_layers)
 
     def ranks(i):
       return ({p: self.lora.rank_for(f'layer_{i}/attn/{p}/kernel')
