@@ -6,9 +6,9 @@ r"""Start-up benchmark: the decode CLI on the Gemma 3 270M base against the tiny
 Runs `python -m gemma_sft_jax.decode --config=C --prompt='Question: 2+3?\nAnswer:'
 --config.decode.max_new_tokens=N [--flags]` for each config C and each N in subprocesses (JAX on
 CPU): once with an empty JAX compilation cache ('cold'), then --repeats times with that cache
-filled ('warm'). The cache is a fresh directory named by JAX_COMPILATION_CACHE_DIR, so the runs neither
-use nor fill the per-user cache. A bare `import gemma_sft_jax.decode` is timed the same way
-('imports'). Checkpoint and tokenizer caches beside the GGUF are used as they are.
+filled ('warm'). The cache is a fresh directory named by JAX_COMPILATION_CACHE_DIR, so the runs
+neither use nor fill the per-user cache. A bare `import gemma_sft_jax.decode` is timed the same
+way ('imports'). Checkpoint and tokenizer caches beside the GGUF are used as they are.
 
 Every run appends one JSON line: the command, config, N, the cache state, wall seconds, exit
 status, and the start-up phases the command logged (each absl log line: its message, when it
@@ -53,7 +53,8 @@ def _commit() -> str:
   def git(*args):
     return subprocess.run(['git', *args], cwd=_ROOT, capture_output=True, text=True).stdout.strip()
   # Uncommitted edits of tracked files make the numbers those of no commit: say so.
-  return git('rev-parse', '--short', 'HEAD') + ('-dirty' if git('status', '--porcelain', '-uno') else '')
+  dirty = git('status', '--porcelain', '-uno')
+  return git('rev-parse', '--short', 'HEAD') + ('-dirty' if dirty else '')
 
 
 def _phases(stderr: str, started: float, ended: float) -> list[dict]:

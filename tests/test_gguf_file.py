@@ -1,4 +1,4 @@
-"""gguf_file: the same metadata and tensors as gguf.GGUFReader, each file parsed once per process."""
+"""gguf_file: the metadata and tensors gguf.GGUFReader sees, each file parsed once per process."""
 
 import os
 
