@@ -155,9 +155,11 @@ def _gguf_tokenizer(path: str) -> Any:
   tok = JsonTokenizer(cache)
   if not _passed_check(path, cache):
     check_gguf_tokenizer(tok, path)
-    try:
-      with open(os.path.join(cache, _CHECKED), 'w') as f:
+    marker = os.path.join(cache, _CHECKED)
+    try:  # Renamed into place: processes starting together never read half a stamp.
+      with open(f'{marker}.{os.getpid()}', 'w') as f:
         json.dump(_stamp(path, cache), f)
+      os.replace(f'{marker}.{os.getpid()}', marker)
     except OSError:
       pass  # A read-only cache is checked on every load instead.
   return tok
