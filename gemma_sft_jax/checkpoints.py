@@ -35,8 +35,9 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# The key table: HF name template -> (our path template, layout conversion).
-# Conversions take the HF array and the model config and return a view in our layout.
+# The key table: HF name template -> (our path template, layout conversion, its inverse).
+# Conversions take the HF array and the model config and return a view in our layout; inverses
+# (used by export) take ours back to HF's [out, in]. Both work on numpy and jax arrays.
 # ----------------------------------------------------------------------------------------------
 def _same(w, c):
   del c
@@ -60,23 +61,37 @@ def _o_heads(w, c):  # [D, N*H] -> [N, H, D]
   return w.T.reshape(c.num_heads, c.head_dim, c.embed_dim)
 
 
+def _from_heads_in(w, c):  # [D, N|K, H] -> [N|K*H, D]
+  del c
+  return w.reshape(w.shape[0], -1).T
+
+
+def _from_heads_out(w, c):  # [N, H, D] -> [D, N*H]
+  del c
+  return w.reshape(-1, w.shape[-1]).T
+
+
 _LAYER = 'model.layers.{i}.'
-_KEY_TABLE: tuple[tuple[str, str, Callable[[Any, Any], Any]], ...] = (
-    ('model.embed_tokens.weight', 'embedder/embedding', _same),
-    ('model.norm.weight', 'final_norm/scale', _same),
-    (_LAYER + 'input_layernorm.weight', 'layer_{i}/pre_attention_norm/scale', _same),
-    (_LAYER + 'post_attention_layernorm.weight', 'layer_{i}/post_attention_norm/scale', _same),
-    (_LAYER + 'pre_feedforward_layernorm.weight', 'layer_{i}/pre_ffw_norm/scale', _same),
-    (_LAYER + 'post_feedforward_layernorm.weight', 'layer_{i}/post_ffw_norm/scale', _same),
-    (_LAYER + 'self_attn.q_proj.weight', 'layer_{i}/attn/q_proj/kernel', _q_heads),
-    (_LAYER + 'self_attn.k_proj.weight', 'layer_{i}/attn/k_proj/kernel', _kv_heads),
-    (_LAYER + 'self_attn.v_proj.weight', 'layer_{i}/attn/v_proj/kernel', _kv_heads),
-    (_LAYER + 'self_attn.o_proj.weight', 'layer_{i}/attn/o_proj/kernel', _o_heads),
-    (_LAYER + 'self_attn.q_norm.weight', 'layer_{i}/attn/query_norm/scale', _same),
-    (_LAYER + 'self_attn.k_norm.weight', 'layer_{i}/attn/key_norm/scale', _same),
-    (_LAYER + 'mlp.gate_proj.weight', 'layer_{i}/mlp/gate_proj/kernel', _transpose),
-    (_LAYER + 'mlp.up_proj.weight', 'layer_{i}/mlp/up_proj/kernel', _transpose),
-    (_LAYER + 'mlp.down_proj.weight', 'layer_{i}/mlp/down_proj/kernel', _transpose),
+_KEY_TABLE: tuple[tuple[str, str, Callable[[Any, Any], Any], Callable[[Any, Any], Any]], ...] = (
+    ('model.embed_tokens.weight', 'embedder/embedding', _same, _same),
+    ('model.norm.weight', 'final_norm/scale', _same, _same),
+    (_LAYER + 'input_layernorm.weight', 'layer_{i}/pre_attention_norm/scale', _same, _same),
+    (_LAYER + 'post_attention_layernorm.weight', 'layer_{i}/post_attention_norm/scale', _same,
+     _same),
+    (_LAYER + 'pre_feedforward_layernorm.weight', 'layer_{i}/pre_ffw_norm/scale', _same, _same),
+    (_LAYER + 'post_feedforward_layernorm.weight', 'layer_{i}/post_ffw_norm/scale', _same, _same),
+    (_LAYER + 'self_attn.q_proj.weight', 'layer_{i}/attn/q_proj/kernel', _q_heads, _from_heads_in),
+    (_LAYER + 'self_attn.k_proj.weight', 'layer_{i}/attn/k_proj/kernel', _kv_heads,
+     _from_heads_in),
+    (_LAYER + 'self_attn.v_proj.weight', 'layer_{i}/attn/v_proj/kernel', _kv_heads,
+     _from_heads_in),
+    (_LAYER + 'self_attn.o_proj.weight', 'layer_{i}/attn/o_proj/kernel', _o_heads,
+     _from_heads_out),
+    (_LAYER + 'self_attn.q_norm.weight', 'layer_{i}/attn/query_norm/scale', _same, _same),
+    (_LAYER + 'self_attn.k_norm.weight', 'layer_{i}/attn/key_norm/scale', _same, _same),
+    (_LAYER + 'mlp.gate_proj.weight', 'layer_{i}/mlp/gate_proj/kernel', _transpose, _transpose),
+    (_LAYER + 'mlp.up_proj.weight', 'layer_{i}/mlp/up_proj/kernel', _transpose, _transpose),
+    (_LAYER + 'mlp.down_proj.weight', 'layer_{i}/mlp/down_proj/kernel', _transpose, _transpose),
 )
 # Keys we read past on purpose: the tied output head, and the vision half of Gemma 3 multimodal.
 _IGNORED = re.compile(r'(lm_head\.weight|vision_tower\..*|multi_modal_projector\..*)')
@@ -107,8 +122,10 @@ def _template_regex(template: str) -> re.Pattern:
   return re.compile(re.escape(template).replace(re.escape('{i}'), r'(?P<i>\d+)'))
 
 
-_HF_RULES = [(_template_regex(hf), ours, fn) for hf, ours, fn in _KEY_TABLE]
+_HF_RULES = [(_template_regex(hf), ours, fn) for hf, ours, fn, _ in _KEY_TABLE]
+_OUR_RULES = [(_template_regex(ours), hf, inverse) for hf, ours, _, inverse in _KEY_TABLE]
 _GGUF_RULES = [(_template_regex(g), hf) for g, hf in _GGUF_NAMES]
+_GGUF_INVERSE = [(_template_regex(hf), g) for g, hf in _GGUF_NAMES]
 
 
 def hf_to_path(key: str) -> tuple[str, Callable[[Any, Any], Any]] | None:
@@ -127,11 +144,30 @@ def hf_to_path(key: str) -> tuple[str, Callable[[Any, Any], Any]] | None:
 
 def path_to_hf(path: str) -> str:
   """The HF tensor name for one of our parameter paths (for error messages and export)."""
-  for hf, ours, _ in _KEY_TABLE:
-    m = _template_regex(ours).fullmatch(path)
+  return to_hf(path)[0]
+
+
+def to_hf(path: str) -> tuple[str, Callable[[Any, Any], Any]]:
+  """(HF tensor name, conversion of our array back to HF's layout) for one of our paths."""
+  for regex, hf, inverse in _OUR_RULES:
+    m = regex.fullmatch(path)
     if m:
-      return hf.format(**m.groupdict())
+      return hf.format(**m.groupdict()), inverse
   raise CheckpointError(f'parameter {path!r} has no HF name')
+
+
+def gguf_name(key: str) -> str:
+  """The llama.cpp tensor name for a HF tensor name (the inverse of the GGUF name table)."""
+  for regex, g in _GGUF_INVERSE:
+    m = regex.fullmatch(key)
+    if m:
+      return g.format(**m.groupdict())
+  raise CheckpointError(f'tensor {key!r} has no GGUF name')
+
+
+def gguf_norm_offset(name: str) -> float:
+  """What llama.cpp adds to a Gemma GGUF tensor: RMSNorm weights are stored as 1 + w."""
+  return 1.0 if name.endswith('norm.weight') else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,14 +244,21 @@ def _gguf_tensors(file: str) -> Iterator[tuple[str, str, np.ndarray]]:
     else:
       raise CheckpointError(f'{file}: unexpected GGUF tensor {t.name!r}')
     array = gguf_file.dequantize(t)
-    if t.name.endswith('norm.weight'):
-      array = array - 1.0  # llama.cpp stores Gemma's RMSNorm weight as 1 + w.
+    if gguf_norm_offset(t.name):
+      array = array - gguf_norm_offset(t.name)
     yield file, hf.format(**m.groupdict()), array
 
 
 def gguf_model_config(file: str) -> architecture.ModelConfig:
-  """The architecture from GGUF metadata, filling in what llama.cpp fixes in code for Gemma."""
-  fields = _gguf_reader(file).fields
+  """The architecture from a GGUF file's metadata (`config_from_gguf_fields`)."""
+  return config_from_gguf_fields(_gguf_reader(file).fields, file)
+
+
+def config_from_gguf_fields(fields: dict[str, Any], file: str) -> architecture.ModelConfig:
+  """The architecture from GGUF metadata, filling in what llama.cpp fixes in code for Gemma.
+
+  Export checks its metadata with this too, so what it writes reads back as the same model.
+  """
 
   def get(key, default=None):
     return fields.get(key, default)
