@@ -53,6 +53,7 @@ class JsonTokenizer:
 
   def __init__(self, directory: str):
     import tokenizers  # pylint: disable=g-import-not-at-top
+    self.directory = directory  # Its files travel with an exported model.
     self._tok = tokenizers.Tokenizer.from_file(os.path.join(directory, 'tokenizer.json'))
     config = {}
     config_path = os.path.join(directory, 'tokenizer_config.json')
