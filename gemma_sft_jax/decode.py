@@ -6,7 +6,8 @@ r"""Decode entry point: completions for your own prompts, from the base model or
 
 Rows in: {"prompt": str}; rows out: {"prompt": str, "completion": str}. Greedy when
 decode.temperature is 0; otherwise temperature / decode.top_k / decode.top_p sampling.
---adapter is a run's final/ directory: LoRA adapters (added to the base) or full SFT weights.
+--adapter is a run's final/ directory (LoRA adapters, added to the base, or full SFT weights) or
+a PEFT LoRA adapter directory trained on the same base.
 """
 
 import json
@@ -26,7 +27,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lo
 _PROMPTS = flags.DEFINE_string('prompts', None, 'JSONL file with one {"prompt": ...} per line.')
 _PROMPT = flags.DEFINE_string('prompt', None, 'A single prompt; its completion goes to stdout.')
 _OUTPUT = flags.DEFINE_string('output', None, 'JSONL file for {"prompt", "completion"} rows.')
-_ADAPTER = flags.DEFINE_string('adapter', None, "A run's final/ directory (LoRA or full SFT).")
+_ADAPTER = flags.DEFINE_string('adapter', None, "A run's final/ directory (LoRA or full SFT) or a "
+                               'PEFT LoRA adapter directory.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Prompts per decode batch.')
 flags.mark_flag_as_required('config')
 

@@ -4,8 +4,9 @@ r"""Eval entry point: GSM8K accuracy of a run's trained weights, or of the base 
   python -m gemma_sft_jax.eval --config=configs/gemma3.py:size=270m --workdir=runs/base --base \
       --config.eval.prompt_strategy=few_shot --config.eval.num_shots=8
 
-Without --base it evaluates WORKDIR/final (written at the end of training); with --base, or when
-WORKDIR has no trained weights, the checkpoint named by model.checkpoint. Results go to
+Without --base it evaluates WORKDIR/final (written at the end of training), or --adapter (a run's
+final/ directory or a PEFT LoRA adapter trained on the same base); with --base, or when WORKDIR
+has no trained weights, the checkpoint named by model.checkpoint. Results go to
 WORKDIR/eval_<model>_<prompts>.json and predictions beside it.
 """
 
@@ -25,12 +26,16 @@ from gemma_sft_jax import sharding
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (its final/ weights are evaluated).')
 _BASE = flags.DEFINE_bool('base', False, 'Evaluate the base checkpoint, not the trained weights.')
+_ADAPTER = flags.DEFINE_string('adapter', None, "Trained weights instead of WORKDIR/final: a run's "
+                               'final/ directory or a PEFT LoRA adapter directory.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _evaluate(config, workdir, use_base):
   mesh = sharding.make_mesh(**config.mesh)
-  final = os.path.join(workdir, 'final')
+  final = _ADAPTER.value or os.path.join(workdir, 'final')
+  if _ADAPTER.value and not os.path.isdir(final):
+    raise FileNotFoundError(f'--adapter={final}: no such directory')
   if not use_base and not os.path.isdir(final):
     logging.warning('%s has no trained weights: evaluating the base model', workdir)
     use_base = True

@@ -23,6 +23,7 @@ from gemma_sft_jax import evaluate
 from gemma_sft_jax import gsm8k
 from gemma_sft_jax import lora
 from gemma_sft_jax import model as model_lib
+from gemma_sft_jax import peft_adapters
 from gemma_sft_jax import sharding
 from gemma_sft_jax import train as train_lib
 
@@ -185,13 +186,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return results
 
 
-def load_trained(config: ml_collections.ConfigDict, adapter_dir: str, *,
-                 mesh: jax.sharding.Mesh) -> tuple[train_lib.Setup, Any]:
-  """The base model plus the trained weights saved in `adapter_dir` (a run's final/ directory).
-
-  The tuning method and LoRA shape come from the `final.json` written beside it; full-SFT
-  weights replace the base, LoRA adapters are added to it.
-  """
+def trained_config(config: ml_collections.ConfigDict, adapter_dir: str
+                   ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """The run config as trained, and the `final.json` written beside `adapter_dir` (a run's
+  final/ directory): its tuning method, LoRA shape and layer layout override `config`'s."""
   meta_path = os.path.join(os.path.dirname(os.path.normpath(adapter_dir)), 'final.json')
   if not os.path.exists(meta_path):
     raise FileNotFoundError(f'{meta_path}: not found (expected beside the trained weights '
@@ -199,12 +197,26 @@ def load_trained(config: ml_collections.ConfigDict, adapter_dir: str, *,
   with open(meta_path) as f:
     meta = json.load(f)
   config = ml_collections.ConfigDict(config.to_dict())  # Unlocked copy.
-  method = meta['tuning_method']
-  if method == 'lora':
+  if meta['tuning_method'] == 'lora':
     for k, v in meta['lora'].items():
       config.lora[k] = v
   # The saved tree is stacked or per-layer as trained, whatever the eval config says.
   config.model.scan_layers = meta.get('scan_layers', False)
+  return config, meta
+
+
+def load_trained(config: ml_collections.ConfigDict, adapter_dir: str, *,
+                 mesh: jax.sharding.Mesh) -> tuple[train_lib.Setup, Any]:
+  """The base model plus the trained weights saved in `adapter_dir`: a run's final/ directory,
+  or a PEFT LoRA adapter directory (adapter_config.json) trained on the same base.
+
+  For a run, the tuning method and LoRA shape come from the `final.json` written beside it;
+  full-SFT weights replace the base, LoRA adapters are added to it.
+  """
+  if peft_adapters.is_peft_dir(adapter_dir):
+    return peft_adapters.load(config, adapter_dir, mesh=mesh)
+  config, meta = trained_config(config, adapter_dir)
+  method = meta['tuning_method']
   setup = train_lib.model_setup(config, with_lora=method == 'lora', mesh=mesh)
   # Same seed as training: a random-init base must be the one the weights were trained on.
   params = train_lib.init_params(setup, mesh=mesh, seed=config.train.seed)
