@@ -11,7 +11,7 @@ neither use nor fill the per-user cache. A bare `import gemma_sft_jax.decode` is
 way ('imports'). Checkpoint and tokenizer caches beside the GGUF are used as they are.
 
 Every run appends one JSON line: the command, config, N, the cache state, wall seconds, exit
-status, and the start-up phases the command logged (each absl log line: its message, when it
+status, the machine's 1-minute load average before the run, and the start-up phases the command logged (each absl log line: its message, when it
 came in seconds since the command started, and how long until the next one). --summary prints a
 Markdown table of the median warm wall times and the 270M / tiny ratio from such a file.
 """
@@ -96,10 +96,11 @@ def measure(args: argparse.Namespace) -> list[dict]:
   for config, n, argv in cases:
     with tempfile.TemporaryDirectory(prefix='jax_cache_') as cache_dir:
       for run in range(args.repeats + 1):
+        load = os.getloadavg()[0]  # Other work on the machine shows here (2 cores are few).
         rc, wall, phases, stderr = _run(argv, cache_dir)
         row = dict(base, command=shlex.join(['python', *argv]), config=config, max_new_tokens=n,
                    cache='cold' if run == 0 else 'warm', run=run, wall_s=round(wall, 2), rc=rc,
-                   phases=phases)
+                   load_1min=round(load, 2), phases=phases)
         print(json.dumps(row), flush=True)
         if rc:
           print(stderr[-2000:], file=sys.stderr)
