@@ -11,9 +11,10 @@ neither use nor fill the per-user cache. A bare `import gemma_sft_jax.decode` is
 way ('imports'). Checkpoint and tokenizer caches beside the GGUF are used as they are.
 
 Every run appends one JSON line: the command, config, N, the cache state, wall seconds, exit
-status, the machine's 1-minute load average before the run, and the start-up phases the command logged (each absl log line: its message, when it
-came in seconds since the command started, and how long until the next one). --summary prints a
-Markdown table of the median warm wall times and the 270M / tiny ratio from such a file.
+status, the machine's 1-minute load average before the run, and the start-up phases the command
+logged (each absl log line: its message, when it came in seconds since the command started, and
+how long until the next one). --summary prints a Markdown table of the median warm wall times and
+the 270M / tiny ratio from such a file.
 """
 
 import argparse
