@@ -135,6 +135,8 @@ def _bench(config):
                              peak_flops_per_device=metrics_lib.peak_flops_per_device(device),
                              n_devices=mesh.size),
       'step_memory': _memory(compiled), 'last_loss': loss, 'jax': jax.__version__,
+      # compile_s and first_step_s are a cache read when this directory already held the step.
+      'compilation_cache': jax.config.jax_compilation_cache_dir,
   }
   if _TAG.value:
     result['tag'] = _TAG.value

@@ -100,6 +100,7 @@ def init_params(setup: Setup, *, mesh: jax.sharding.Mesh, seed: int) -> Any:
     return lora._split(params, keep)  # pylint: disable=protected-access
 
   if not setup.checkpoint:
+    logging.info('initialising the parameters at random (seed %d)', seed)
     return jax.jit(lambda r: setup.model.init(r, dummy)['params'], out_shardings=shardings)(
         jax.random.key(seed))
   # The loader reads the base leaves only; adapter leaves in `shapes` are skipped.
