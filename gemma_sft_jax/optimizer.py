@@ -368,7 +368,8 @@ def chunk_plan(params: Any) -> Any:
 
 def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: float | None,
                 decay_mask: Any, chunks: Any, b1: float = 0.9, b2: float = 0.999,
-                eps: float = 1e-8, block_size: int = BLOCK_SIZE, stochastic_rounding: bool = True) -> Any:
+                eps: float = 1e-8, block_size: int = BLOCK_SIZE,
+                stochastic_rounding: bool = True) -> Any:
   """The training update with the semantics of `make_optimizer`'s chain, fused per block.
 
   For each leaf (or block of `chunks` along axis 0, in place, one after another): the gradient
