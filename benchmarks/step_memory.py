@@ -53,7 +53,8 @@ def main() -> None:
       'method': config.tuning_method, 'batch': b, 'seq_len': t, 'remat': config.model.remat,
       'state_dtype': config.optim.state_dtype, 'device': jax.devices()[0].device_kind,
       'date': datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-      'arguments_gib': m.argument_size_in_bytes / gib, 'temporaries_gib': m.temp_size_in_bytes / gib,
+      'arguments_gib': m.argument_size_in_bytes / gib,
+      'temporaries_gib': m.temp_size_in_bytes / gib,
       'outputs_gib': m.output_size_in_bytes / gib, 'aliased_gib': m.alias_size_in_bytes / gib}),
       flush=True)
 

@@ -76,6 +76,7 @@ def element_index(shape: tuple[int, ...], offset: jax.Array | int = 0) -> jax.Ar
   index = jnp.asarray(offset, jnp.uint32)
   stride = 1
   for axis in reversed(range(len(shape))):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % (1 << 32))
+    iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+    index = index + iota * jnp.uint32(stride % (1 << 32))
     stride *= shape[axis]
   return jnp.broadcast_to(index, shape)

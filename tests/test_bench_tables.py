@@ -7,7 +7,8 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location('table', os.path.join(REPO, 'benchmarks', 'table.py'))
+_spec = importlib.util.spec_from_file_location(
+    'table', os.path.join(REPO, 'benchmarks', 'table.py'))
 table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(table)
 
