@@ -628,6 +628,16 @@ _SHARDING_SCRIPT = textwrap.dedent('''
     grads = nest({k: jax.random.normal(next(keys), shape) for k, (shape, _, _) in layout.items()})
     params = jax.device_put(host, shardings)
 
+    def assert_same(a, b):
+      """8-bit codes agree to 99.9% (rounding at a midpoint), floats to 1e-5."""
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.dtype in (np.int8, np.uint8):
+          assert np.mean(x == y) >= 0.999, np.mean(x == y)
+        else:
+          np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), rtol=1e-5,
+                                     atol=1e-7)
+
     for state_dtype in ('int8', 'bfloat16'):
       tx, _ = opt.make_optimizer(lr=1e-2, min_lr=1e-3, warmup_steps=1, decay_steps=10,
                                  weight_decay=0.1, clip_norm=1.0, state_dtype=state_dtype)
@@ -663,13 +673,7 @@ _SHARDING_SCRIPT = textwrap.dedent('''
       for _ in range(3):
         u8, s8 = sharded(params, s8, grads)
         u1, s1 = one(jax.device_put(host, dev0), s1, jax.device_put(grads, dev0))
-      for a, b in zip(jax.tree.leaves((u8, s8)), jax.tree.leaves((u1, s1))):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.dtype in (np.int8, np.uint8):
-          assert np.mean(a == b) >= 0.999, np.mean(a == b)
-        else:
-          np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-5,
-                                     atol=1e-7)
+      assert_same((u8, s8), (u1, s1))
 
       # The fused training update, sharded (blocks where axis 0 is unsharded) == one device.
       _, schedule = opt.make_optimizer(lr=1e-2, min_lr=1e-3, warmup_steps=1, decay_steps=10,
@@ -691,13 +695,7 @@ _SHARDING_SCRIPT = textwrap.dedent('''
         p8, s8, n8 = sharded(p8, s8, grads)
         p1, s1, n1 = one(p1, s1, jax.device_put(grads, dev0))
       np.testing.assert_allclose(float(n8), float(n1), rtol=1e-6)
-      for a, b in zip(jax.tree.leaves((p8, s8)), jax.tree.leaves((p1, s1))):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.dtype in (np.int8, np.uint8):
-          assert np.mean(a == b) >= 0.999, np.mean(a == b)
-        else:
-          np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-5,
-                                     atol=1e-7)
+      assert_same((p8, s8), (p1, s1))
     print('SHARDING_OK')
 ''')
 
