@@ -136,6 +136,15 @@ def _expected_modules(cfg: dict[str, Any], modules: list[str]) -> set[str] | Non
   return out
 
 
+def _check_targets(cfg: dict[str, Any], modules: list[str], path: str, base: str) -> None:
+  """Every name in a list of target_modules names a module of the base (or of the adapter)."""
+  targets = cfg.get('target_modules')
+  for t in targets if isinstance(targets, list) else ():
+    if not any(m == t or m.endswith('.' + t) for m in modules):
+      raise ValueError(f'{path}: target_modules names {t!r}, which is no module of the base '
+                       f'model ({base})')
+
+
 def read(path: str, config: architecture.ModelConfig, *,
          base: str) -> tuple[model_lib.LoraSpec, dict[str, np.ndarray]]:
   """Reads a PEFT LoRA adapter for the model `config` describes.
@@ -165,8 +174,11 @@ def read(path: str, config: architecture.ModelConfig, *,
   shapes = _flat(model_lib.param_shapes(model_lib.Transformer(config, lora=everything)))
   kernels = {module_name(p): p for p in shapes if p.endswith('/kernel')}
   out: dict[str, np.ndarray] = {}
-  for key, array in checkpoints.read_safetensors(file).items():
-    m = _KEY.fullmatch(key)
+  tensors = checkpoints.read_safetensors(file)
+  matches = {key: _KEY.fullmatch(key) for key in tensors}
+  _check_targets(cfg, list(kernels) + [m['module'] for m in matches.values() if m], path, base)
+  for key, array in tensors.items():
+    m = matches[key]
     if not m:
       raise ValueError(f'{file}: tensor {key!r} is not the lora_A/lora_B weight of a projection '
                        '(plain LoRA on linear layers only)')

@@ -1,0 +1,54 @@
+r"""Export entry point: a run's fine-tuned weights (or the base model) for transformers, PEFT or llama.cpp.
+
+  python -m gemma_sft_jax.export --config=configs/gemma3.py:size=270m --workdir=runs/g3_full \
+      --format=hf --output=exports/g3_full_hf
+  python -m gemma_sft_jax.export --config=configs/gemma3.py:size=270m,method=lora \
+      --workdir=runs/g3_lora --format=peft --output=exports/g3_lora_peft
+  python -m gemma_sft_jax.export --config=configs/gemma3.py:size=270m --workdir=runs/g3_full \
+      --format=gguf --dtype=bfloat16 --output=exports/g3_full.gguf
+  python -m gemma_sft_jax.export --config=configs/gemma3.py:size=270m --base --format=hf \
+      --output=exports/g3_270m_hf
+
+--format=hf writes a transformers model directory (LoRA adapters merged into the base), peft the
+adapters of a LoRA run, gguf one llama.cpp file. The output is written beside its final path and
+renamed into place when complete; an existing output is replaced only with --overwrite.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from gemma_sft_jax import exporters
+from gemma_sft_jax import runner
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, "The run's config (and its overrides).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (its final/ weights are exported).')
+_FORMAT = flags.DEFINE_enum('format', None, list(exporters.FORMATS), 'What to write.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Directory (hf, peft) or .gguf file to write.')
+_BASE = flags.DEFINE_bool('base', False, 'Export the base checkpoint, not the trained weights.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', list(exporters.DTYPES),
+                           'Weights dtype of hf and gguf exports (float32 is exact).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing output.')
+_SHARD_MB = flags.DEFINE_float('max_shard_mb', 5000, 'hf: safetensors files split above this size.')
+flags.mark_flags_as_required(['config', 'format', 'output'])
+
+
+def _export(config):
+  if not _BASE.value and not _WORKDIR.value:
+    raise ValueError('give --workdir=RUN (its final/ weights), or --base for the base model')
+  path = exporters.export(config, workdir=_WORKDIR.value, fmt=_FORMAT.value, output=_OUTPUT.value,
+                          base=_BASE.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value,
+                          max_shard_mb=_SHARD_MB.value)
+  print(f'{_FORMAT.value} export: {path}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  runner.setup_jax()
+  runner.exit_on_bad_input(_export, _CONFIG.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
