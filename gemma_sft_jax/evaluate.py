@@ -82,7 +82,9 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
 
   Returns:
     {'strategy', 'num_shots', 'n', 'strict_correct', 'flexible_correct', 'strict_accuracy',
-     'flexible_accuracy', 'seconds', 'prompt_tokens_mean'}.
+     'flexible_accuracy', 'seconds', 'prompt_tokens_mean', 'lm_eval': {'strict_match',
+     'flexible_extract'}}; the lm_eval fractions are the means of the predictions file's
+     `lm_eval_correct_*` fields.
   """
   t0 = time.time()
   texts = [prompts.build(q.question, pool) for q in questions]
@@ -111,9 +113,13 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
     ok_s, ok_f = gsm8k.is_correct(s, q.gold), gsm8k.is_correct(f, q.gold)
     strict += ok_s
     flexible += ok_f
+    lm_s, lm_f = (gsm8k.lm_eval_extract(answer, k) for k in gsm8k.LM_EVAL_FILTERS)
     rows.append({'question': q.question, 'prompt': text, 'completion': completion,
                  'extracted_strict': s, 'extracted_flexible': f, 'gold': q.gold,
-                 'correct_strict': ok_s, 'correct_flexible': ok_f})
+                 'correct_strict': ok_s, 'correct_flexible': ok_f,
+                 'lm_eval_strict_match': lm_s, 'lm_eval_flexible_extract': lm_f,
+                 'lm_eval_correct_strict_match': gsm8k.lm_eval_exact_match(lm_s, q.answer),
+                 'lm_eval_correct_flexible_extract': gsm8k.lm_eval_exact_match(lm_f, q.answer)})
   if predictions_path and jax.process_index() == 0:
     os.makedirs(os.path.dirname(predictions_path) or '.', exist_ok=True)
     with open(predictions_path, 'w') as f:
@@ -124,16 +130,23 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
           prompts.strategy == 'few_shot' else int(prompts.strategy == 'one_shot'),
           'n': n, 'strict_correct': strict, 'flexible_correct': flexible,
           'strict_accuracy': strict / max(n, 1), 'flexible_accuracy': flexible / max(n, 1),
-          'seconds': time.time() - t0, 'prompt_tokens_mean': sum(map(len, ids)) / max(n, 1)}
+          'seconds': time.time() - t0, 'prompt_tokens_mean': sum(map(len, ids)) / max(n, 1),
+          # What lm-evaluation-harness's gsm8k task scores for these completions (gsm8k.py).
+          'lm_eval': {k: sum(r[f'lm_eval_correct_{k}'] for r in rows) / max(n, 1)
+                      for k in gsm8k.LM_EVAL_FILTERS}}
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
   """A readable table of {'base': r, 'sft': r, ...} results."""
-  lines = [f'{"model":<10} {"prompts":<8} {"n":>5} {"strict":>8} {"flexible":>9} {"seconds":>8}']
+  lines = [f'{"model":<10} {"prompts":<8} {"n":>5} {"strict":>8} {"flexible":>9} {"seconds":>8}'
+           f' {"lm-eval strict":>15} {"lm-eval flexible":>17}']
   for name, r in results.items():
     if not isinstance(r, dict) or 'n' not in r:
       continue
     shots = {'zero_shot': '0-shot', 'one_shot': '1-shot'}.get(r['strategy'], f"{r['num_shots']}-shot")
+    lm = r.get('lm_eval') or {}
+    lm_cells = ''.join(f' {100 * lm[k]:>{w - 1}.2f}%' if k in lm else f' {"-":>{w}}'
+                       for k, w in (('strict_match', 15), ('flexible_extract', 17)))
     lines.append(f'{name:<10} {shots:<8} {r["n"]:>5} {100 * r["strict_accuracy"]:>7.2f}% '
-                 f'{100 * r["flexible_accuracy"]:>8.2f}% {r["seconds"]:>8.1f}')
+                 f'{100 * r["flexible_accuracy"]:>8.2f}% {r["seconds"]:>8.1f}{lm_cells}')
   return '\n'.join(lines)

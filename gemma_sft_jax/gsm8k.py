@@ -130,6 +130,56 @@ def is_correct(pred: str | None, gold: str) -> bool:
     return p == g
 
 
+# lm-evaluation-harness's `gsm8k` task scores the same completions with its own filters, so our
+# numbers can be set beside published ones. Its two filters (a regex, then the first result):
+LM_EVAL_FILTERS = {
+    'strict_match': (re.compile(r'#### (\-?[0-9\.\,]+)'), 0),         # first match
+    'flexible_extract': (re.compile(r'(-?[$0-9.,]{2,})|(-?[0-9]+)'), -1),  # last match
+}
+# ...then `exact_match` with ignore_case and these removed from prediction and reference alike.
+LM_EVAL_IGNORE = tuple(re.compile(r) for r in (',', r'\$', r'(?s).*#### ', r'\.$'))
+LM_EVAL_FALLBACK = '[invalid]'
+
+
+def lm_eval_extract(completion: str, name: str) -> str:
+  """What lm-eval's filter `name` ('strict_match' | 'flexible_extract') keeps of a completion.
+
+  As its RegexFilter: all matches, the `group_select`-th of them; for a pattern with groups the
+  first non-empty group; stripped; '[invalid]' when nothing matches.
+  """
+  regex, select = LM_EVAL_FILTERS[name]
+  matches = regex.findall(completion)
+  if not matches:
+    return LM_EVAL_FALLBACK
+  match = matches[select]
+  if isinstance(match, tuple):
+    match = next((m for m in match if m), LM_EVAL_FALLBACK)
+  return match.strip()
+
+
+def lm_eval_exact_match(prediction: str, reference: str) -> bool:
+  """lm-eval's exact_match for gsm8k: ignore case and the regexes above, then compare strings.
+
+  The reference is the full GSM8K answer ('... #### 18'); '(?s).*#### ' leaves its number. Unlike
+  `is_correct`, '18.00' does not equal '18' and '1,000.' equals '1000' only through the ignored
+  ',' and final '.'.
+  """
+  def clean(s: str) -> str:
+    for regex in LM_EVAL_IGNORE:
+      s = regex.sub('', s)
+    return s.lower()
+  return clean(prediction) == clean(reference)
+
+
+def lm_eval_scores(completions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
+  """{'strict_match', 'flexible_extract'}: lm-eval's gsm8k accuracies (fractions, unrounded) of
+  completions (already cut at the stop strings) against the raw GSM8K answers."""
+  n = max(len(completions), 1)
+  return {name: sum(lm_eval_exact_match(lm_eval_extract(c, name), a)
+                    for c, a in zip(completions, answers)) / n
+          for name in LM_EVAL_FILTERS}
+
+
 # ---------------------------------------------------------------------------------------------
 # Prompts and targets.
 # ---------------------------------------------------------------------------------------------

@@ -58,13 +58,24 @@ def _median(values: Sequence[float]) -> float | None:
   return values[len(values) // 2] if values else None
 
 
+def _lm_eval(e: dict[str, Any], key: str) -> str:
+  """lm-evaluation-harness's score for the same completions ('—' for evaluations made before it
+  was recorded)."""
+  value = (e.get('lm_eval') or {}).get(key)
+  return '—' if value is None else f'{100 * value:.2f}%'
+
+
 def accuracy_table(runs: Sequence[dict[str, Any]]) -> str:
-  lines = ['| run | model | prompts | n | strict | flexible | eval seconds |',
-           '|---|---|---|---|---|---|---|']
+  """Ours (strict `#### N`, flexible last number, numerically compared) beside lm-eval's gsm8k
+  filters (strict-match, flexible-extract; string exact match) on the same completions."""
+  lines = ['| run | model | prompts | n | strict | flexible | lm-eval strict-match | '
+           'lm-eval flexible-extract | eval seconds |',
+           '|---|---|---|---|---|---|---|---|---|']
   for run in runs:
     for e in run['evals']:
       lines.append(f"| {run['name']} | {e['model']} | {_shots(e)} | {e['n']} | "
                    f"{100 * e['strict_accuracy']:.2f}% | {100 * e['flexible_accuracy']:.2f}% | "
+                   f"{_lm_eval(e, 'strict_match')} | {_lm_eval(e, 'flexible_extract')} | "
                    f"{e['seconds']:.1f} |")
   return '\n'.join(lines)
 

@@ -112,7 +112,9 @@ def test_scoring_and_predictions_file(tmp_path, monkeypatch):
   for row, q in zip(rows, questions):  # The questions' order, not the decode order.
     gold, completion, ok_s, ok_f = CASES[q.question]
     assert set(row) == {'question', 'prompt', 'completion', 'extracted_strict',
-                        'extracted_flexible', 'gold', 'correct_strict', 'correct_flexible'}
+                        'extracted_flexible', 'gold', 'correct_strict', 'correct_flexible',
+                        'lm_eval_strict_match', 'lm_eval_flexible_extract',
+                        'lm_eval_correct_strict_match', 'lm_eval_correct_flexible_extract'}
     assert row['question'] == q.question
     assert row['prompt'] == f'Question: {q.question}\nAnswer:'
     assert row['completion'] == completion  # Untruncated; scoring uses the truncated text.
@@ -125,8 +127,13 @@ def test_scoring_and_predictions_file(tmp_path, monkeypatch):
   assert by_q['A robe takes 6 bolts three times. How many bolts?']['extracted_strict'] is None
   assert by_q['What is 3 + 4?']['extracted_flexible'] is None
 
+  # lm-eval's scores are the means of the predictions file's per-row verdicts.
+  for k in ('strict_match', 'flexible_extract'):
+    assert result['lm_eval'][k] == np.mean([r[f'lm_eval_correct_{k}'] for r in rows])
+
   table = evaluate.format_table({'base': result, 'train': {'step': 3}})
   assert len(table.splitlines()) == 2 and '50.00%' in table and '0-shot' in table
+  assert 'lm-eval strict' in table
 
 
 def test_base_and_sft_get_identical_prompts(tmp_path, monkeypatch):

@@ -201,3 +201,31 @@ def test_skip_bad_rows_counts_and_logs(tmp_path, caplog):
     loaded = gsm8k.load_split(str(tmp_path), 'socratic', 'test', skip_bad_rows=True)
   assert loaded == examples
   assert 'skipped 2 bad rows' in caplog.text
+
+
+_ANSWER = 'Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72'
+
+
+@pytest.mark.parametrize('completion,strict,flexible,ok_strict,ok_flexible', [
+    (' She sold 72 clips.\n#### 72', '72', '72', True, True),
+    (' #### 72.', '72.', '72.', True, True),            # the final '.' is ignored
+    (' The answer is $72.', '[invalid]', '$72.', False, True),  # '$' is ignored
+    (' So 72.00 clips', '[invalid]', '72.00', False, False),  # no numeric equality in lm-eval
+    (' #### 1,072', '1,072', '1,072', False, False),
+    (' #### -3 then 72', '-3', '72', False, True),      # strict: first match; flexible: last
+    (' x 5 and 7', '[invalid]', '7', False, False),     # single digits: the second alternative
+    (' nothing', '[invalid]', '[invalid]', False, False),
+])
+def test_lm_eval_filters_and_exact_match(completion, strict, flexible, ok_strict, ok_flexible):
+  assert gsm8k.lm_eval_extract(completion, 'strict_match') == strict
+  assert gsm8k.lm_eval_extract(completion, 'flexible_extract') == flexible
+  assert gsm8k.lm_eval_exact_match(strict, _ANSWER) == ok_strict
+  assert gsm8k.lm_eval_exact_match(flexible, _ANSWER) == ok_flexible
+
+
+def test_lm_eval_scores_differ_from_ours_where_documented():
+  completions = [' #### 72', ' 72.00', ' The answer is 72.']
+  assert gsm8k.lm_eval_scores(completions, [_ANSWER] * 3) == {
+      'strict_match': 1 / 3, 'flexible_extract': 2 / 3}
+  # Ours normalises numbers: '72.00' is 72.
+  assert sum(gsm8k.is_correct(gsm8k.extract_flexible(c), '72') for c in completions) == 3

@@ -18,7 +18,9 @@ def test_report_tables_and_plots(tmp_path):
   run = tmp_path / 'full'
   run.mkdir()
   (run / 'results.json').write_text(json.dumps({
-      'base': _eval('zero_shot', 0, 0, 1), 'sft': _eval('zero_shot', 0, 7, 9),
+      'base': _eval('zero_shot', 0, 0, 1),
+      'sft': dict(_eval('zero_shot', 0, 7, 9),
+                  lm_eval={'strict_match': 0.07, 'flexible_extract': 0.085}),
       'train': {'step': 20, 'final_loss': 0.5, 'trainable_params': 1000, 'total_params': 1000,
                 'tuning_method': 'full', 'tokens_per_step': 2000, 'optimizer_state_bytes': 2 ** 20,
                 'train_seconds': 12.4, 'steps_run': 20}}))
@@ -28,8 +30,8 @@ def test_report_tables_and_plots(tmp_path):
                           'tokens_per_s': 1000.0 * step, 'mfu': 0.1}) + '\n')
   path = report.write_report([str(base), str(run)], str(tmp_path / 'out'))
   text = open(path).read()
-  assert '| base | base | 8-shot | 100 | 1.00% | 2.00% |' in text
-  assert '| full | sft | 0-shot | 100 | 7.00% | 9.00% |' in text
+  assert '| base | base | 8-shot | 100 | 1.00% | 2.00% | — | — |' in text  # made before lm-eval
+  assert '| full | sft | 0-shot | 100 | 7.00% | 9.00% | 7.00% | 8.50% |' in text
   # Median tokens/s over the windows after the first (10k, 20k: the upper one); step time is
   # tokens_per_step over it; no peak memory was logged.
   assert ('| full | full | 1,000 | 1,000 | 1.0 MiB | 20 | 0.500 | 20,000 | 0.100 | 10.0% | 0.0 | 12 |'
