@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.limit = 0  # 0 = the whole test split
   c.eval.batch_size = 64
   c.eval.max_new_tokens = 256
+  # Self-consistency: >1 also samples this many completions per question (maj@k, pass@k).
+  c.eval.num_samples = 1
+  c.eval.temperature = 0.7
+  c.eval.top_p = 1.0
 
   c.decode = ml_collections.ConfigDict()
   c.decode.temperature = 0.0

@@ -47,6 +47,37 @@ class PromptSpec:
                               strip_calculator=self.strip_calculator)
 
 
+@dataclasses.dataclass(frozen=True)
+class SelfConsistency:
+  """Sample `num_samples` completions per question (seeds seed, seed + 1, ...) besides the
+  greedy one, and score the majority answer (maj@k) and whether any sample is right (pass@k)."""
+  num_samples: int
+  temperature: float = 0.7
+  top_p: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.num_samples < 2:
+      raise ValueError(f'eval.num_samples={self.num_samples}: self-consistency needs at least 2')
+    if self.temperature <= 0:
+      raise ValueError(f'eval.temperature={self.temperature} must be > 0 to sample')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'eval.top_p={self.top_p} must be in (0, 1]')
+
+
+def majority(votes: Sequence[str | None]) -> str | None:
+  """The most frequent extracted answer (None votes do not count); a tie goes to the answer
+  that appeared first, so the result does not depend on anything but the samples' order."""
+  counts: dict[str, int] = {}
+  for v in votes:
+    if v is not None:
+      counts[v] = counts.get(v, 0) + 1
+  if not counts:
+    return None
+  best = max(counts.values())
+  return next(v for v in counts if counts[v] == best)  # dicts keep first-seen order
+
+
 def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
   for start in range(0, len(order), batch_size):
     yield order[start:start + batch_size]
@@ -63,8 +94,9 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
                    prompts: PromptSpec, batch_size: int, max_new_tokens: int,
                    predictions_path: str | None = None,
                    batch_sharding: jax.sharding.Sharding | None = None,
-                   label: str = 'eval', progress: bool = True) -> dict[str, Any]:
-  """Greedy-decodes every question and scores it.
+                   label: str = 'eval', progress: bool = True,
+                   consistency: SelfConsistency | None = None) -> dict[str, Any]:
+  """Greedy-decodes every question and scores it (and, optionally, k sampled completions).
 
   Args:
     model: the Transformer; `params` must match it (adapters included for LoRA).
@@ -79,6 +111,8 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
     batch_sharding: sharding of the [B, L] prompt batch (e.g. over the mesh's data axes).
     label: a name for progress output.
     progress: show a progress bar.
+    consistency: also sample this many completions per question and report maj@k / pass@k
+      (`self_consistency` in the result, `samples` per question in the predictions file).
 
   Returns:
     {'strategy', 'num_shots', 'n', 'strict_correct', 'flexible_correct', 'strict_accuracy',
@@ -90,20 +124,33 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
   texts = [prompts.build(q.question, pool) for q in questions]
   ids = [data_lib.tokenize_prompt(t, tokenizer=tokenizer) for t in texts]
   order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-  sampling = sampler.SamplingParams(max_new_tokens=max_new_tokens,
-                                    stop_sequences=stop_sequences(tokenizer))
-  completions: list[str] = [''] * len(ids)
-  bar = tqdm.tqdm(total=len(ids), desc=label, disable=not progress or jax.process_index() != 0)
-  for chunk in _batches(order, batch_size):
-    batch = [ids[i] for i in chunk]
-    batch += [batch[-1]] * (batch_size - len(batch))  # Same shapes every batch: one compile.
-    out = sampler.generate(model, params, batch, sampling=sampling,
-                           eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0,
-                           batch_sharding=batch_sharding)
-    for i, tokens in zip(chunk, out):
-      completions[i] = tokenizer.decode(tokens, skip_special_tokens=True)
-    bar.update(len(chunk))
-  bar.close()
+  stops = stop_sequences(tokenizer)
+
+  def decode_all(sampling: sampler.SamplingParams, seed: int, desc: str) -> list[str]:
+    completions: list[str] = [''] * len(ids)
+    bar = tqdm.tqdm(total=len(ids), desc=desc, disable=not progress or jax.process_index() != 0)
+    for b, chunk in enumerate(_batches(order, batch_size)):
+      batch = [ids[i] for i in chunk]
+      batch += [batch[-1]] * (batch_size - len(batch))  # Same shapes every batch: one compile.
+      out = sampler.generate(model, params, batch, sampling=sampling,
+                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0,
+                             batch_sharding=batch_sharding, seed=seed * 1_000_003 + b)
+      for i, tokens in zip(chunk, out):
+        completions[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+      bar.update(len(chunk))
+    bar.close()
+    return completions
+
+  completions = decode_all(sampler.SamplingParams(max_new_tokens=max_new_tokens,
+                                                  stop_sequences=stops), 0, label)
+  samples: list[list[str]] = []
+  if consistency is not None:
+    sampling = sampler.SamplingParams(max_new_tokens=max_new_tokens, stop_sequences=stops,
+                                      temperature=consistency.temperature,
+                                      top_p=consistency.top_p)
+    samples = [decode_all(sampling, consistency.seed + j,
+                          f'{label} sample {j + 1}/{consistency.num_samples}')
+               for j in range(consistency.num_samples)]
 
   strict = flexible = 0
   rows = []
@@ -120,6 +167,14 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
                  'lm_eval_strict_match': lm_s, 'lm_eval_flexible_extract': lm_f,
                  'lm_eval_correct_strict_match': gsm8k.lm_eval_exact_match(lm_s, q.answer),
                  'lm_eval_correct_flexible_extract': gsm8k.lm_eval_exact_match(lm_f, q.answer)})
+  for i, row in enumerate(rows if samples else ()):
+    answers = [gsm8k.truncate_completion(sample[i]) for sample in samples]
+    row['samples'] = [sample[i] for sample in samples]
+    for kind, extract in (('strict', gsm8k.extract_strict), ('flexible', gsm8k.extract_flexible)):
+      votes = [extract(a) for a in answers]
+      row[f'majority_{kind}'] = majority(votes)
+      row[f'correct_majority_{kind}'] = gsm8k.is_correct(row[f'majority_{kind}'], row['gold'])
+      row[f'correct_any_{kind}'] = any(gsm8k.is_correct(v, row['gold']) for v in votes)
   if predictions_path and jax.process_index() == 0:
     os.makedirs(os.path.dirname(predictions_path) or '.', exist_ok=True)
     with open(predictions_path, 'w') as f:
@@ -133,7 +188,13 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
           'seconds': time.time() - t0, 'prompt_tokens_mean': sum(map(len, ids)) / max(n, 1),
           # What lm-evaluation-harness's gsm8k task scores for these completions (gsm8k.py).
           'lm_eval': {k: sum(r[f'lm_eval_correct_{k}'] for r in rows) / max(n, 1)
-                      for k in gsm8k.LM_EVAL_FILTERS}}
+                      for k in gsm8k.LM_EVAL_FILTERS},
+          **({'self_consistency': {
+              'k': consistency.num_samples, 'temperature': consistency.temperature,
+              'top_p': consistency.top_p, 'seed': consistency.seed,
+              **{f'{name}_at_k_{kind}': sum(r[f'correct_{field}_{kind}'] for r in rows) / max(n, 1)
+                 for name, field in (('maj', 'majority'), ('pass', 'any'))
+                 for kind in ('strict', 'flexible')}}} if samples else {})}
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -147,6 +208,10 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     lm = r.get('lm_eval') or {}
     lm_cells = ''.join(f' {100 * lm[k]:>{w - 1}.2f}%' if k in lm else f' {"-":>{w}}'
                        for k, w in (('strict_match', 15), ('flexible_extract', 17)))
+    sc = r.get('self_consistency')
+    if sc:  # Flexible extraction, as the base-vs-SFT comparison reads best.
+      lm_cells += (f'  maj@{sc["k"]} {100 * sc["maj_at_k_flexible"]:.2f}%'
+                   f'  pass@{sc["k"]} {100 * sc["pass_at_k_flexible"]:.2f}%')
     lines.append(f'{name:<10} {shots:<8} {r["n"]:>5} {100 * r["strict_accuracy"]:>7.2f}% '
                  f'{100 * r["flexible_accuracy"]:>8.2f}% {r["seconds"]:>8.1f}{lm_cells}')
   return '\n'.join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging as logging_std
 import os
@@ -24,11 +25,20 @@ from gemma_sft_jax import gsm8k
 from gemma_sft_jax import lora
 from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import peft_adapters
+from gemma_sft_jax import resume
 from gemma_sft_jax import sharding
 from gemma_sft_jax import train as train_lib
 
-# Errors that mean "the input is wrong": reported in one line, exit status 2.
-BAD_INPUT = (ValueError, FileNotFoundError, KeyError, train_lib.TrainingError)
+# Errors that mean "the input is wrong": reported in one line, exit status 2. KeyError is not
+# one of them: a missing key is a bug, and its traceback should show.
+BAD_INPUT = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
+             train_lib.TrainingError)
+# The exit status of a run stopped by Ctrl-C, as a shell reports SIGINT.
+INTERRUPTED_STATUS = 130
+
+
+class Interrupted(Exception):
+  """Ctrl-C stopped the run (a checkpoint was saved if training was under way)."""
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -89,14 +99,26 @@ def setup_jax() -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
+def shutdown_jax() -> None:
+  """Leaves the multi-host group cleanly (a no-op for one process)."""
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+
+
 def exit_on_bad_input(fn: Callable[..., Any], *args, **kwargs) -> Any:
-  """Runs fn; bad input becomes one line on stderr and exit status 2 (no traceback)."""
+  """Runs fn; bad input becomes one line on stderr and exit status 2 (no traceback), Ctrl-C one
+  line and status 130. The multi-host group is left in every case."""
   try:
     return fn(*args, **kwargs)
   except BAD_INPUT as e:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
-    print(f'error: {message}', file=sys.stderr)
+    print(f'error: {message}', file=sys.stderr, flush=True)
     sys.exit(2)
+  except (Interrupted, KeyboardInterrupt) as e:
+    print(f'error: {str(e) or "interrupted (Ctrl-C)"}', file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED_STATUS)
+  finally:
+    shutdown_jax()
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -112,19 +134,42 @@ def prompt_spec(config: ml_collections.ConfigDict, strategy: str | None = None) 
                              strip_calculator=config.data.strip_calculator)
 
 
+def eval_settings(config: ml_collections.ConfigDict, *, weights: str) -> dict[str, Any]:
+  """Everything that changes an evaluation's outputs; `weights` names the evaluated weights
+  ('base', or the directory of trained weights)."""
+  d, e = config.data, config.eval
+  spec = prompt_spec(config)
+  return {'weights': weights, 'model': config.model.checkpoint or config.model.variant,
+          'tokenizer': config.model.tokenizer, 'source': d.source, 'subset': d.subset,
+          'split': d.test_split, 'limit': e.limit, 'max_new_tokens': e.max_new_tokens,
+          **dataclasses.asdict(spec)}
+
+
+def eval_name(label: str, config: ml_collections.ConfigDict, settings: dict[str, Any]) -> str:
+  """'{label}_{prompts}_{digest of the settings}': evaluations with other settings never share
+  an output file."""
+  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+  return f'{label}_{prompt_spec(config).name}_{digest}'
+
+
 def run_gsm8k_eval(config: ml_collections.ConfigDict, setup: train_lib.Setup, params: Any, *,
                    out_dir: str, label: str, mesh: jax.sharding.Mesh,
-                   strategy: str | None = None) -> dict[str, Any]:
-  """Evaluates params on the configured test split; writes predictions under out_dir."""
+                   weights: str) -> dict[str, Any]:
+  """Evaluates params on the configured test split; writes predictions under out_dir.
+
+  The result records its `settings` (`eval_settings`) and the `predictions` file, which is named
+  by them (`eval_name`).
+  """
   d = config.data
   questions = gsm8k.load_split(d.source, d.subset, d.test_split, skip_bad_rows=d.skip_bad_rows)
   if config.eval.limit:
     questions = questions[:config.eval.limit]
-  spec = prompt_spec(config, strategy)
+  spec = prompt_spec(config)
   pool = []
   if spec.strategy != 'zero_shot' and not (spec.strategy == 'one_shot' and spec.one_shot_example):
     pool = gsm8k.load_split(d.source, d.subset, d.train_split, skip_bad_rows=d.skip_bad_rows)
-  path = os.path.join(out_dir, f'predictions_{label}_{spec.name}.jsonl')
+  settings = eval_settings(config, weights=weights)
+  path = os.path.join(out_dir, f'predictions_{eval_name(label, config, settings)}.jsonl')
   logging.info('evaluating %s: %d questions, %s', label, len(questions), spec.strategy)
   setup, params = for_decoding(setup, params)
   result = evaluate.evaluate_gsm8k(
@@ -132,6 +177,7 @@ def run_gsm8k_eval(config: ml_collections.ConfigDict, setup: train_lib.Setup, pa
       prompts=spec, batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
       predictions_path=path, batch_sharding=sharding.batch_sharding(mesh), label=label)
   result['predictions'] = path
+  result['settings'] = settings
   return result
 
 
@@ -148,35 +194,64 @@ def for_decoding(setup: train_lib.Setup, params: Any) -> tuple[train_lib.Setup, 
   return dataclasses.replace(setup, model=plain), merged
 
 
+def _finished_step(config: ml_collections.ConfigDict, workdir: str) -> int | None:
+  """The last step when `workdir` holds a finished run of `config` (else None); refuses a
+  config that may not resume there (`resume.check`)."""
+  with checkpointing.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
+                                  keep=config.checkpoint.keep) as ckpt:
+    step = resume.resume_point(config, ckpt)
+  meta_path = os.path.join(workdir, 'final.json')
+  if step is None or step < config.train.steps or not os.path.exists(meta_path):
+    return None
+  return step
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """main: base eval (unless disabled) -> training -> SFT eval -> results.json."""
+  """main: base eval (unless disabled) -> training -> SFT eval -> results.json.
+
+  A rerun resumes training; once training has finished, it keeps the recorded training and
+  evaluations and runs only an evaluation whose settings are not there yet.
+  """
   os.makedirs(workdir, exist_ok=True)
   results_path = os.path.join(workdir, 'results.json')
   results: dict[str, Any] = {}
   if os.path.exists(results_path):  # A resumed run keeps its base-model numbers.
     with open(results_path) as f:
       results = json.load(f)
+  final_dir = os.path.abspath(os.path.join(workdir, 'final'))
+  sft_settings = eval_settings(config, weights=final_dir)
+  sft_missing = config.eval.run_sft and (results.get('sft') or {}).get('settings') != sft_settings
+  finished = _finished_step(config, workdir)
+  if finished is not None and 'train' in results and not sft_missing:
+    if jax.process_index() == 0:
+      print(f'{workdir}: already finished at step {finished}; nothing to evaluate that '
+            f'{results_path} does not hold', flush=True)
+    return results
   mesh = sharding.make_mesh(**config.mesh)
 
   def on_ready(setup, params):
     if config.eval.run_base and 'base' not in results:
       # The base model: adapters (if any) are still zero, so this is exactly the checkpoint.
       results['base'] = run_gsm8k_eval(config, setup, params, out_dir=workdir, label='base',
-                                       mesh=mesh)
+                                       mesh=mesh, weights='base')
       _write_json(results_path, results)
       print(evaluate.format_table({'base': results['base']}), flush=True)
 
   summary = train_lib.train(config, workdir, on_ready=on_ready)
   if summary.get('preempted'):
+    if summary.get('signal') == 'SIGINT':
+      raise Interrupted(f'interrupted (Ctrl-C): saved step {summary["step"]} in '
+                        f'{os.path.join(workdir, "checkpoints")}; rerun the same command to resume')
     return results
-  results['train'] = {k: summary[k] for k in (
-      'step', 'final_loss', 'trainable_params', 'total_params', 'first_step_seconds',
-      'train_seconds', 'steps_run', 'tokens_per_step', 'optimizer_state_bytes')}
-  results['train']['tuning_method'] = config.tuning_method
-  if config.eval.run_sft:
+  if not (summary['already_finished'] and 'train' in results):  # Keep the recorded timing.
+    results['train'] = {k: summary[k] for k in (
+        'step', 'final_loss', 'trainable_params', 'total_params', 'first_step_seconds',
+        'train_seconds', 'steps_run', 'tokens_per_step', 'optimizer_state_bytes')}
+    results['train']['tuning_method'] = config.tuning_method
+  if sft_missing:
     params = lora.join(summary['frozen'], summary['state']['params'])
     results['sft'] = run_gsm8k_eval(config, summary['setup'], params, out_dir=workdir,
-                                    label='sft', mesh=mesh)
+                                    label='sft', mesh=mesh, weights=final_dir)
   _write_json(results_path, results)
   if jax.process_index() == 0:
     print(evaluate.format_table({k: results.get(k) for k in ('base', 'sft')}))

@@ -10,6 +10,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gemma_sft_jax import architecture
 from gemma_sft_jax import data as data_lib
@@ -187,3 +188,73 @@ def test_batch_size_does_not_change_completions(tmp_path):
   assert results[3] == results[8]
   completions = [r['completion'] for r in rows[3]]
   assert len(set(completions)) > 1 and all(completions)
+
+
+def test_majority_ignores_missing_answers_and_breaks_ties_by_first_seen():
+  assert evaluate.majority(['3', None, '4', '4']) == '4'
+  assert evaluate.majority([None, '6', '4', '4', '6']) == '6'  # tie: '6' was seen first
+  assert evaluate.majority([None, None]) is None
+
+
+def test_self_consistency_maj_and_pass_at_k(tmp_path, monkeypatch):
+  """k = 3 samples per question besides the greedy completion: maj@3 votes over the extracted
+  answers, pass@3 asks whether any sample is right; the samples get their own seeds and the
+  configured temperature, the greedy pass stays greedy."""
+  sampled = {  # question -> (gold, completions of samples 0, 1, 2)
+      'Q7?': ('7', [' #### 7', ' so 7', ' #### 3']),
+      'Q5?': ('5', [' #### 2', ' #### 5', ' #### 2']),
+      'Q9?': ('9', [' #### 4', ' #### 6', ' no idea']),
+  }
+  calls = []
+
+  def fake(model, params, prompts, *, sampling, eos_id, pad_id=0, seed=0, batch_sharding=None,
+           min_bucket=32):
+    calls.append((sampling.temperature, sampling.top_p, seed))
+    out = []
+    for ids in prompts:
+      question = TOK.decode(ids).rsplit('Question: ', 1)[1].rsplit('\nAnswer:', 1)[0]
+      if sampling.temperature == 0:
+        out.append(TOK.encode(' #### 1'))
+      else:
+        out.append(TOK.encode(sampled[question][1][seed // 1_000_003 - 10]))
+    return out
+
+  monkeypatch.setattr(sampler, 'generate', fake)
+  questions = [gsm8k.Example(question=q, answer=f'... #### {g}', gold=g)
+               for q, (g, _) in sampled.items()]
+  path = str(tmp_path / 'predictions.jsonl')
+  result = evaluate.evaluate_gsm8k(
+      model=None, params='base', tokenizer=TOK, questions=questions, pool=[],
+      prompts=evaluate.PromptSpec(), batch_size=4, max_new_tokens=16, predictions_path=path,
+      progress=False, consistency=evaluate.SelfConsistency(num_samples=3, temperature=0.8,
+                                                           top_p=0.9, seed=10))
+  assert result['flexible_accuracy'] == 0  # greedy: '#### 1' everywhere
+  sc = result['self_consistency']
+  assert (sc['k'], sc['temperature'], sc['top_p']) == (3, 0.8, 0.9)
+  assert sc['maj_at_k_flexible'] == 1 / 3  # Q7 only (Q5's majority is 2; Q9 ties 4/6 -> 4)
+  assert sc['pass_at_k_flexible'] == 2 / 3  # Q7 and Q5
+  # Strict: Q7's votes are 7, none ('so 7' has no ####), 3: a tie that 7 wins by coming first.
+  assert sc['maj_at_k_strict'] == 1 / 3 and sc['pass_at_k_strict'] == 2 / 3
+  assert calls[0][0] == 0.0 and all(c[:2] == (0.8, 0.9) for c in calls[1:])
+  assert len({s for _, _, s in calls[1:]}) == 3  # one seed per sample
+  rows = _read_jsonl(path)
+  by_q = {r['question']: r for r in rows}
+  assert by_q['Q9?']['majority_flexible'] == '4' and by_q['Q9?']['samples'][2] == ' no idea'
+  assert by_q['Q5?']['correct_any_flexible'] and not by_q['Q5?']['correct_majority_flexible']
+  assert 'maj@3 33.33%  pass@3 66.67%' in evaluate.format_table({'base': result})
+  for bad, key in (({'num_samples': 1}, 'num_samples'), ({'num_samples': 2, 'temperature': 0},
+                   'temperature'), ({'num_samples': 2, 'top_p': 0.0}, 'top_p')):
+    with pytest.raises(ValueError, match=f'eval.{key}'):
+      evaluate.SelfConsistency(**bad)
+
+
+def test_self_consistency_from_the_run_config():
+  from gemma_sft_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from gemma_sft_jax import runner  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  assert runner.self_consistency(c) is None  # greedy only by default
+  c.eval.num_samples, c.eval.temperature, c.eval.top_p, c.train.seed = 5, 0.6, 0.95, 3
+  assert runner.self_consistency(c) == evaluate.SelfConsistency(5, 0.6, 0.95, 3)
+  c.eval.num_samples = 0
+  with pytest.raises(ValueError, match='eval.num_samples'):
+    runner.self_consistency(c)
