@@ -175,10 +175,22 @@ def run_gsm8k_eval(config: ml_collections.ConfigDict, setup: train_lib.Setup, pa
   result = evaluate.evaluate_gsm8k(
       model=setup.model, params=params, tokenizer=setup.tokenizer, questions=questions, pool=pool,
       prompts=spec, batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
-      predictions_path=path, batch_sharding=sharding.batch_sharding(mesh), label=label)
+      predictions_path=path, batch_sharding=sharding.batch_sharding(mesh), label=label,
+      consistency=self_consistency(config))
   result['predictions'] = path
   result['settings'] = settings
   return result
+
+
+def self_consistency(config: ml_collections.ConfigDict) -> evaluate.SelfConsistency | None:
+  """eval.num_samples > 1: sampled completions besides the greedy one (maj@k, pass@k)."""
+  e = config.eval
+  if e.num_samples < 1:
+    raise ValueError(f'eval.num_samples={e.num_samples} must be >= 1 (1 = greedy only)')
+  if e.num_samples == 1:
+    return None
+  return evaluate.SelfConsistency(num_samples=e.num_samples, temperature=e.temperature,
+                                  top_p=e.top_p, seed=config.train.seed)
 
 
 def for_decoding(setup: train_lib.Setup, params: Any) -> tuple[train_lib.Setup, Any]:
