@@ -142,7 +142,10 @@ def eval_settings(config: ml_collections.ConfigDict, *, weights: str) -> dict[st
   return {'weights': weights, 'model': config.model.checkpoint or config.model.variant,
           'tokenizer': config.model.tokenizer, 'source': d.source, 'subset': d.subset,
           'split': d.test_split, 'limit': e.limit, 'max_new_tokens': e.max_new_tokens,
-          **dataclasses.asdict(spec)}
+          **dataclasses.asdict(spec),
+          # Sampled completions change the file only when there are any.
+          **({'num_samples': e.num_samples, 'temperature': e.temperature, 'top_p': e.top_p}
+             if e.num_samples > 1 else {})}
 
 
 def eval_name(label: str, config: ml_collections.ConfigDict, settings: dict[str, Any]) -> str:
