@@ -13,7 +13,7 @@ Fields (DESIGN.md's contract):
   model.scan_layers   one nn.scan over the layers (stacked params; compile time independent of depth)
   tuning_method       'full' | 'lora'
   lora.*              rank, alpha, dropout, targets (regex over parameter paths)
-  data.*              source (hub id or local dir), subset ('main' | 'socratic'), packing, ...
+  data.*              source (local dir, default the bundled GSM8K; or a hub id), subset, ...
   optim.*             lr, min_lr (absolute), warmup_steps, weight_decay, state_dtype, ...
   train.*             steps, batch_size (global), seq_len, seed, log_every, ...
   checkpoint.*        every_steps, keep
@@ -26,6 +26,8 @@ Fields (DESIGN.md's contract):
 from __future__ import annotations
 
 import ml_collections
+
+from gemma_sft_jax import gsm8k
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -54,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.targets = r'.*/(q|k|v|o|gate|up|down)_proj/kernel'
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'openai/gsm8k'
+  # GSM8K as shipped with the package (offline); 'openai/gsm8k' reads the hub through `datasets`.
+  c.data.source = gsm8k.BUNDLED_DIR
   c.data.subset = 'main'
   c.data.train_split = 'train'
   c.data.test_split = 'test'

@@ -22,14 +22,16 @@ predictions do not depend on how the sampler stops.
 
 Loading: `load_split(source, subset, split)` reads a local directory of the original JSONL files
 (`train.jsonl`, `test.jsonl` for 'main'; `train_socratic.jsonl`, `test_socratic.jsonl` for
-'socratic') or, for anything that is not an existing path, the hub with
-`datasets.load_dataset(source, subset, split=split)` (e.g. 'openai/gsm8k'; needs network).
+'socratic'; each may be gzipped, `NAME.jsonl.gz`) or, for anything that is not an existing path,
+the hub with `datasets.load_dataset(source, subset, split=split)` (e.g. 'openai/gsm8k'; needs
+network or its cache). The package ships GSM8K itself in `BUNDLED_DIR`, the configs' default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import decimal
+import gzip
 import json
 import os
 import re
@@ -44,6 +46,8 @@ EXEMPLAR_SEPARATOR = '\n\n'
 # its turn. The first stop string found (earliest position) wins.
 STOP_STRINGS = ('\n\nQuestion:', 'Question:', '<end_of_turn>')
 STRATEGIES = ('zero_shot', 'one_shot', 'few_shot')
+# GSM8K as released (MIT licence beside it): main train and test, socratic test; gzipped JSONL.
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'gsm8k')
 SUBSETS = {'main': '{split}.jsonl', 'socratic': '{split}_socratic.jsonl'}
 
 _CALCULATOR = re.compile(r'<<[^<>]*>>')
@@ -321,7 +325,8 @@ def read_jsonl(path: str, *, skip_bad_rows: bool = False) -> tuple[list[Example]
   if not os.path.isfile(path):
     raise DataError(f'{path}: no such file')
   examples, skipped = [], []
-  with open(path, encoding='utf-8') as f:
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rt', encoding='utf-8') as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue  # Blank lines (e.g. a trailing newline) are not rows.
@@ -340,10 +345,17 @@ def read_jsonl(path: str, *, skip_bad_rows: bool = False) -> tuple[list[Example]
 
 
 def local_path(directory: str, subset: str, split: str) -> str:
-  """The JSONL file of (subset, split) inside a local GSM8K directory."""
+  """The JSONL file of (subset, split) inside a local GSM8K directory: NAME.jsonl, or
+  NAME.jsonl.gz when only that exists (the copy shipped in `BUNDLED_DIR` is compressed)."""
   if subset not in SUBSETS:
     raise DataError(f'GSM8K subset {subset!r}: expected one of {", ".join(SUBSETS)}')
-  return os.path.join(directory, SUBSETS[subset].format(split=split))
+  path = os.path.join(directory, SUBSETS[subset].format(split=split))
+  return path + '.gz' if not os.path.isfile(path) and os.path.isfile(path + '.gz') else path
+
+
+def has_split(directory: str, subset: str, split: str) -> bool:
+  """Whether a local GSM8K directory holds (subset, split)."""
+  return os.path.isfile(local_path(directory, subset, split))
 
 
 def _is_local(source: str) -> bool:

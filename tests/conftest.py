@@ -8,14 +8,15 @@ import jax
 import numpy as np
 import pytest
 
+from gemma_sft_jax import gsm8k
 from gemma_sft_jax import sharding
 
 # Parity needs full-precision matmuls on CPU too.
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GSM8K_DIR = os.environ.get(
-    'GSM8K_DIR', os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'gsm8k'))
+# The full GSM8K shipped with the package (GSM8K_DIR: another copy, e.g. the uncompressed files).
+GSM8K_DIR = os.environ.get('GSM8K_DIR', gsm8k.BUNDLED_DIR)
 
 
 def write_hf_checkpoint(path, hf_config: dict, seed: int = 0):
