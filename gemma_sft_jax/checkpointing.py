@@ -117,6 +117,7 @@ class Checkpointer:
     """
     if every_steps < 1 or keep < 1:
       raise ValueError(f'checkpoint: every_steps and keep must be >= 1, got {every_steps}, {keep}')
+    self.every_steps = every_steps
     self.directory = os.path.join(_abspath(workdir), 'checkpoints')
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every_steps, max_to_keep=keep, create=True,
@@ -126,6 +127,16 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers={_STATE: ocp.StandardCheckpointHandler(),
                        _EXTRA: ocp.JsonCheckpointHandler()})
+
+  def is_due(self, step: int) -> bool:
+    """Whether `save(step, ...)` would write a periodic checkpoint."""
+    return step % self.every_steps == 0 and step not in self._manager.all_steps()
+
+  def read_extra(self, step: int) -> dict[str, Any]:
+    """The `extra` dict of checkpoint `step` alone (no arrays are read)."""
+    args = ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()})
+    restored = self._manager.restore(step, args=args)
+    return dict(restored[_EXTRA] or {})
 
   def latest_step(self) -> int | None:
     """The newest finished checkpoint step, or None when there is none."""
@@ -201,41 +212,64 @@ class Checkpointer:
 
 
 class PreemptionGuard:
-  """Turns SIGTERM into a flag the training loop polls, so a preempted run can save and exit 0.
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the training loop polls, so a stopped run
+  saves a checkpoint at the next step boundary; a second Ctrl-C stops at once, saving nothing.
 
   Single process: a Python handler (installed from the main thread only) sets a flag, and the
-  previous handler comes back on exit. Several processes: `jax.distributed.initialize()` already
+  previous handlers come back on exit. Several processes: `jax.distributed.initialize()` already
   runs JAX's preemption service, which catches SIGTERM natively and agrees with the other hosts on
   one step at which all of them stop (a per-host flag could make hosts stop on different steps and
-  deadlock in the save), so no Python handler is installed then. If that service was disabled
-  (`jax_enable_preemption_service=False`), each process falls back to its own flag.
+  deadlock in the save), so only SIGINT gets a Python handler then, which passes the signal on to
+  that service as a SIGTERM. If the service was disabled (`jax_enable_preemption_service=False`),
+  each process falls back to its own flag.
   """
 
-  def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
+  def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
     self._signals = tuple(signals)
     self._previous: dict[int, Any] = {}
     self._stop = threading.Event()
     self._use_sync_point = False
+    self.received: str | None = None  # Name of the first signal received.
+
+  def _note(self, signum: int) -> bool:
+    """Records the signal; False when it is a second Ctrl-C (the caller then stops at once)."""
+    name = signal.Signals(signum).name
+    if self.received is not None and signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      return False
+    if self.received is None:
+      self.received = name
+      print(f'Received signal {name}: will save a checkpoint and stop at the next step '
+            '(Ctrl-C again stops without saving).', flush=True)
+    return True
 
   def _handler(self, signum: int, frame: types.FrameType | None) -> None:
     del frame
-    if not self._stop.is_set():
-      print(f'Received signal {signal.Signals(signum).name}: will save a checkpoint and stop.',
-            flush=True)
+    if not self._note(signum):
+      raise KeyboardInterrupt
     self._stop.set()
 
-  def _install(self) -> None:
+  def _forward_to_service(self, signum: int, frame: types.FrameType | None) -> None:
+    del frame
+    if not self._note(signum):
+      raise KeyboardInterrupt
+    os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption service catches it.
+
+  def _install(self, signals: Sequence[int], handler: Any) -> None:
     if threading.current_thread() is not threading.main_thread():
       # signal.signal only works in the main thread; a flag that can never be set is harmless.
-      print('PreemptionGuard: not in the main thread, SIGTERM is not intercepted.', flush=True)
+      print('PreemptionGuard: not in the main thread, signals are not intercepted.', flush=True)
       return
-    for sig in self._signals:
-      self._previous[sig] = signal.signal(sig, self._handler)
+    for sig in signals:
+      previous = signal.signal(sig, handler)
+      self._previous.setdefault(sig, previous)
 
   def __enter__(self) -> PreemptionGuard:
     self._use_sync_point = jax.process_count() > 1
-    if not self._use_sync_point:
-      self._install()
+    if self._use_sync_point:
+      self._install([s for s in self._signals if s == signal.SIGINT], self._forward_to_service)
+    else:
+      self._install(self._signals, self._handler)
     return self
 
   def __exit__(self, *exc: Any) -> None:
@@ -271,7 +305,7 @@ class PreemptionGuard:
         print('PreemptionGuard: JAX preemption service is off; using a per-process SIGTERM flag.',
               flush=True)
         self._use_sync_point = False
-        self._install()
+        self._install(self._signals, self._handler)
     return self._stop.is_set()
 
 

@@ -22,6 +22,7 @@ from gemma_sft_jax import data as data_lib
 from gemma_sft_jax import runner
 from gemma_sft_jax import sampler
 from gemma_sft_jax import sharding
+from gemma_sft_jax import validation
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=True)
 _PROMPTS = flags.DEFINE_string('prompts', None, 'JSONL file with one {"prompt": ...} per line.')
@@ -54,6 +55,12 @@ def _decode(config):
     raise ValueError('give exactly one of --prompts=IN.jsonl or --prompt=TEXT')
   if _PROMPTS.value and not _OUTPUT.value:
     raise ValueError('--prompts needs --output=OUT.jsonl')
+  if _BATCH.value < 1:
+    raise ValueError(f'--batch_size={_BATCH.value}: must be >= 1')
+  validation.preflight(
+      config, 'decode', inputs=[('--prompts', _PROMPTS.value)] if _PROMPTS.value else (),
+      outputs=[('--output', _OUTPUT.value)] if _OUTPUT.value else (),
+      input_dirs=[('--adapter', _ADAPTER.value)] if _ADAPTER.value else ())
   prompts = ([_PROMPT.value.replace('\\n', '\n')] if _PROMPT.value else
              _read_prompts(_PROMPTS.value))
   mesh = sharding.make_mesh(**config.mesh)
@@ -90,4 +97,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=runner.parse_flags)

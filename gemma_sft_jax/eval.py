@@ -7,7 +7,8 @@ r"""Eval entry point: GSM8K accuracy of a run's trained weights, or of the base 
 Without --base it evaluates WORKDIR/final (written at the end of training), or --adapter (a run's
 final/ directory or a PEFT LoRA adapter trained on the same base); with --base, or when WORKDIR
 has no trained weights, the checkpoint named by model.checkpoint. Results go to
-WORKDIR/eval_<model>_<prompts>.json and predictions beside it.
+WORKDIR/eval_<model>_<prompts>_<digest>.json and predictions beside it, named by every setting
+that changes them (the digest), so no evaluation overwrites another's.
 """
 
 import json
@@ -22,6 +23,7 @@ from ml_collections import config_flags
 from gemma_sft_jax import evaluate
 from gemma_sft_jax import runner
 from gemma_sft_jax import sharding
+from gemma_sft_jax import validation
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (its final/ weights are evaluated).')
@@ -32,18 +34,19 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _evaluate(config, workdir, use_base):
+  validation.preflight(config, 'eval', workdir=workdir,
+                       input_dirs=[('--adapter', _ADAPTER.value)] if _ADAPTER.value else ())
   mesh = sharding.make_mesh(**config.mesh)
   final = _ADAPTER.value or os.path.join(workdir, 'final')
-  if _ADAPTER.value and not os.path.isdir(final):
-    raise FileNotFoundError(f'--adapter={final}: no such directory')
   if not use_base and not os.path.isdir(final):
     logging.warning('%s has no trained weights: evaluating the base model', workdir)
     use_base = True
   setup, params = (runner.base_params(config, mesh=mesh) if use_base else
                    runner.load_trained(config, final, mesh=mesh))
   label = 'base' if use_base else 'sft'
-  result = runner.run_gsm8k_eval(config, setup, params, out_dir=workdir, label=label, mesh=mesh)
-  path = os.path.join(workdir, f'eval_{label}_{runner.prompt_spec(config).name}.json')
+  result = runner.run_gsm8k_eval(config, setup, params, out_dir=workdir, label=label, mesh=mesh,
+                                 weights='base' if use_base else os.path.abspath(final))
+  path = os.path.join(workdir, f'eval_{runner.eval_name(label, config, result["settings"])}.json')
   if jax.process_index() != 0:
     return
   with open(path, 'w') as f:
@@ -56,9 +59,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   runner.setup_jax()
-  os.makedirs(_WORKDIR.value, exist_ok=True)
   runner.exit_on_bad_input(_evaluate, _CONFIG.value, _WORKDIR.value, _BASE.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=runner.parse_flags)

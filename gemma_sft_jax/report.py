@@ -13,6 +13,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
+import tempfile
 from typing import Any, Sequence
 
 from absl import app
@@ -23,7 +25,10 @@ _OUTPUT = flags.DEFINE_string('output', 'report', 'Directory for report.md and t
 
 def _read_json(path: str) -> Any:
   with open(path) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}:{e.lineno}: invalid JSON ({e.msg})') from None
 
 
 def load_run(path: str) -> dict[str, Any]:
@@ -167,13 +172,34 @@ def write_report(run_dirs: Sequence[str], output: str) -> str:
   return path
 
 
+def check_output(output: str) -> None:
+  """The report's directory is (or can be made) a writable directory: a one-line ValueError."""
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise ValueError(f'--output={output}: exists and is not a directory')
+  try:
+    os.makedirs(output, exist_ok=True)
+    with tempfile.TemporaryFile(dir=output):
+      pass
+  except OSError as e:
+    raise ValueError(f'--output={output}: cannot write there ({e.strerror or e})') from None
+
+
+def run(run_dirs: Sequence[str], output: str) -> int:
+  """Writes the report and prints its path; bad input is one line on stderr. Returns the exit
+  status (2 for bad input)."""
+  try:
+    check_output(output)
+    print(write_report(run_dirs, output))
+  except (FileNotFoundError, ValueError) as e:
+    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+    return 2
+  return 0
+
+
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError('give one or more run directories')
-  try:
-    print(write_report(argv[1:], _OUTPUT.value))
-  except (FileNotFoundError, KeyError, ValueError) as e:
-    raise SystemExit(f'error: {e}') from None
+  sys.exit(run(argv[1:], _OUTPUT.value))
 
 
 if __name__ == '__main__':

@@ -12,9 +12,11 @@ import hashlib
 import json
 import logging as logging_std
 import os
+import re
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from absl import flags
 from absl import logging
 import jax
 import ml_collections
@@ -28,6 +30,7 @@ from gemma_sft_jax import peft_adapters
 from gemma_sft_jax import resume
 from gemma_sft_jax import sharding
 from gemma_sft_jax import train as train_lib
+from gemma_sft_jax import validation
 
 # Errors that mean "the input is wrong": reported in one line, exit status 2. KeyError is not
 # one of them: a missing key is a bug, and its traceback should show.
@@ -97,6 +100,41 @@ def setup_jax() -> None:
   # JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS still wins.
   if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in env:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
+def _config_error(error: BaseException, argv: Sequence[str]) -> str:
+  """One line for a flag or config that cannot be parsed, naming the flag."""
+  root = error
+  while root.__cause__ is not None or root.__context__ is not None:
+    root = root.__cause__ or root.__context__
+  if isinstance(root, KeyError) and isinstance(error, (AttributeError, KeyError)):
+    # A mistyped key: ml_collections names only its last part ('stepz'), so find the flag.
+    name = str(root.args[0]).strip("'")
+    flag = next((a.split('=')[0] for a in argv if a.startswith('--config.')
+                 and name in a.split('=')[0].split('.')[1:]), f'--config...{name}')
+    hint = re.search(r'Did you mean "([^"]+)"', str(error))
+    return f'{flag}: no such config key' + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+  if isinstance(root, OSError) and not isinstance(error, flags.Error):
+    return f'--config: {str(root).strip().splitlines()[-1].strip()}'  # The file's own error.
+  head = str(error).split(': ')[0] if str(error).startswith('flag --') else ''
+  cause = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+  return f'{head}: {cause}' if head and root is not error else str(error).splitlines()[0]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for the entry points (`app.run(main, flags_parser=parse_flags)`): a
+  flag or config that cannot be parsed (a mistyped key, a missing config file, a bad config
+  argument or value) is one line naming it, and exit status 2."""
+  try:
+    rest = flags.FLAGS(argv)
+    if 'config' in flags.FLAGS and flags.FLAGS['config'].present:
+      # ml_collections hands out a stand-in for a file that failed to load, which raises its
+      # error on the first access; make that happen here.
+      _ = flags.FLAGS['config'].value.keys
+    return rest
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    print(f'error: {_config_error(e, argv)}', file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def shutdown_jax() -> None:
@@ -227,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   A rerun resumes training; once training has finished, it keeps the recorded training and
   evaluations and runs only an evaluation whose settings are not there yet.
   """
-  os.makedirs(workdir, exist_ok=True)
+  validation.preflight(config, 'main', workdir=workdir)
   results_path = os.path.join(workdir, 'results.json')
   results: dict[str, Any] = {}
   if os.path.exists(results_path):  # A resumed run keeps its base-model numbers.

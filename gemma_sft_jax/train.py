@@ -29,14 +29,15 @@ from gemma_sft_jax import loss as loss_lib
 from gemma_sft_jax import metrics as metrics_lib
 from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import optimizer as optimizer_lib
+from gemma_sft_jax import resume
 from gemma_sft_jax import sharding
 from gemma_sft_jax import tokenizer as tokenizer_lib
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-class TrainingError(RuntimeError):
-  """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+# The run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept.
+TrainingError = resume.TrainingError
 
 
 def dtype_of(name: str, key: str) -> Any:
@@ -52,6 +53,24 @@ class Setup:
   config: architecture.ModelConfig
   tokenizer: Any
   checkpoint: str  # '' = random init
+
+
+# A checkpoint's embedding may have a few more rows than its tokenizer has tokens (Gemma 3 4B+:
+# 262,208 for 262,144); a tokenizer short by more than this is another model's.
+_SPARE_ROWS = 1024
+
+
+def check_vocabulary(n_tokens: int, vocab_size: int, *, tokenizer: str, checkpoint: str) -> None:
+  """Raises a one-line ValueError when a tokenizer of `n_tokens` cannot drive a model of
+  `vocab_size` rows: more tokens than rows, or, for trained weights, far fewer (e.g. the byte
+  tokenizer with a real Gemma, whose completions would decode to nothing)."""
+  if n_tokens > vocab_size:
+    raise ValueError(f'model.tokenizer={tokenizer!r}: {n_tokens} tokens but the model has '
+                     f'{vocab_size}')
+  if checkpoint and n_tokens < vocab_size - _SPARE_ROWS:
+    raise ValueError(f'model.tokenizer={tokenizer!r}: {n_tokens} tokens do not fit the '
+                     f'{vocab_size}-token vocabulary of {checkpoint} (leave model.tokenizer empty '
+                     "to use the checkpoint's own)")
 
 
 def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
@@ -70,9 +89,8 @@ def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
   if not tokenizer_name:
     raise ValueError('model.tokenizer: a random-init model needs one (e.g. byte)')
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_name)
-  if len(tokenizer) > model_config.vocab_size:
-    raise ValueError(f'model.tokenizer: {len(tokenizer)} tokens but the model has '
-                     f'{model_config.vocab_size}')
+  check_vocabulary(len(tokenizer), model_config.vocab_size, tokenizer=tokenizer_name,
+                   checkpoint=checkpoint)
   spec = model_lib.LoraSpec()
   if with_lora:
     spec = model_lib.LoraSpec(rank=config.lora.rank, alpha=config.lora.alpha,
@@ -249,6 +267,13 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def _read_json(path: str) -> Any:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           on_ready: Callable[[Setup, Any], None] | None = None) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint if there is one.
@@ -270,6 +295,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sharding.make_mesh(**config.mesh)
   logging.info('mesh %s over %d devices (%s)', dict(mesh.shape), mesh.size,
                jax.devices()[0].device_kind)
+
+  # ---- The checkpoint to resume from, checked against this config before anything loads. -----
+  ckpt = checkpointing.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
+                                    keep=config.checkpoint.keep)
+  resume_step = resume.resume_point(config, ckpt)
 
   # ---- Model and tokenizer. -----------------------------------------------------------------
   setup = model_setup(config, with_lora=method == 'lora', mesh=mesh)
@@ -298,17 +328,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   n_trainable, n_total = parts.n_trainable, parts.n_total
 
   # ---- Resume. ----------------------------------------------------------------------------
-  ckpt = checkpointing.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
-                                    keep=config.checkpoint.keep)
   start = 0
-  restored = checkpointing.restore_or_none(ckpt, abstract_state=checkpointing.abstract_tree(state))
-  if restored is not None:
-    state, extra = restored
+  if resume_step is not None:
+    state, extra = resume.restore_finite(ckpt, checkpointing.abstract_tree(state))
     batches.restore(extra['data'])
     start = int(state['step'])
     logging.info('resumed from %s at step %d', os.path.join(workdir, 'checkpoints'), start)
   elif on_ready is not None:
     on_ready(setup, lora.join(frozen, state['params']))
+  if start >= config.train.steps:
+    print(f'{workdir}: training already finished at step {start}', flush=True)
 
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = parts.step_fn
@@ -330,22 +359,45 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   loop_start = time.time()
   # A rerun after the last step trains nothing; its final loss is the one already logged.
   last_loss = float((writer.last_row or {}).get('loss', math.nan))
+  health = resume.Health(mesh)
+  snapshot = resume.snapshot(config)
+
+  def save(step, data_state, force=False):
+    if force or ckpt.is_due(step):
+      health.check(state, step=step, ckpt=ckpt)  # Never a non-finite checkpoint.
+      ckpt.save(step, state=state, extra={'data': data_state, 'config': snapshot}, force=force)
+
+  def close():
+    ckpt.close()
+    writer.close()
+    progress.close()
+
+  pending = None  # Metrics of the step in flight.
   with checkpointing.PreemptionGuard() as guard:
     for step in range(start, steps):
+      data_state = batches.state()  # Of the batch below: saved with the state before it.
       batch = data_lib.to_global_array(next(batches), batch_sharding)
+      if pending is not None:
+        # One step in flight at most (the next batch was prepared meanwhile), so a signal is
+        # acted on at the end of the step it arrived in, not after the steps queued behind it.
+        jax.block_until_ready(pending)
+      if guard.should_stop(step):
+        save(step, data_state, force=True)
+        logging.warning('%s: saved step %d; exiting', guard.received or 'preemption signal', step)
+        close()
+        return {'preempted': True, 'step': step, 'signal': guard.received}
       t0 = time.time()
       state, m = step_fn(state, frozen, batch)
+      pending = m
+      health.note(m, step + 1)
       tokens_window += config.train.batch_size * config.train.seq_len
-      done = int(step) + 1
+      done = step + 1
       if done % config.train.log_every == 0 or done == steps or done == start + 1:
         m = jax.device_get(m)
         last_loss = float(m['loss'])
         if first_step_time is None:
           first_step_time = time.time() - t0  # Includes compilation.
-        if not math.isfinite(last_loss):
-          ckpt.wait_until_finished()
-          raise TrainingError(f'step {done}: loss is {last_loss}; stopping (the last good '
-                              f'checkpoint is step {ckpt.latest_step()})')
+        health.check(None, step=done, ckpt=ckpt)
         elapsed = time.time() - t_window
         tps = tokens_window / elapsed
         row = {'step': done, 'loss': last_loss, 'learning_rate': float(schedule(done - 1)),
@@ -364,29 +416,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         t_window, tokens_window = time.time(), 0
       else:
         progress.update(done)
-      stop = guard.should_stop(done)
-      ckpt.save(done, state=state, extra={'data': batches.state()}, force=stop)
-      if stop:
-        logging.warning('preemption signal: saved step %d; exiting', done)
-        ckpt.close()
-        writer.close()
-        progress.close()
-        return {'preempted': True, 'step': done}
-  ckpt.save(steps, state=state, extra={'data': batches.state()}, force=True)
-  ckpt.close()
-  progress.close()
-  writer.close()
+      save(done, batches.state())
+  save(steps, batches.state(), force=True)
+  close()
 
   # ---- Final weights, in the form eval/decode load. ------------------------------------------
   final_dir = os.path.join(workdir, 'final')
-  checkpointing.save_params(final_dir, state['params'])
   meta = {'tuning_method': method, 'model_checkpoint': config.model.checkpoint,
           'model_variant': config.model.variant, 'step': steps,
           'scan_layers': config.model.scan_layers,  # The saved tree's layout.
           'lora': dict(config.lora) if method == 'lora' else None}
-  if is_main:
-    write_json(os.path.join(workdir, 'final.json'), meta)
+  meta_path = os.path.join(workdir, 'final.json')
+  if start < steps or _read_json(meta_path) != meta:  # A finished run's weights are there.
+    checkpointing.save_params(final_dir, state['params'])
+    if is_main:
+      write_json(meta_path, meta)
   return {'step': steps, 'final_loss': last_loss, 'final_dir': final_dir,
+          'already_finished': start >= steps,
           'trainable_params': n_trainable, 'total_params': n_total,
           'first_step_seconds': first_step_time,
           # This process's training loop (a resumed run counts only the steps it ran).

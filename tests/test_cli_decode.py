@@ -6,6 +6,7 @@ the tests below check one run each. The in-process test checks that base + adapt
 exactly like the merged weights in a plain (LoRA-free) model.
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -81,10 +82,16 @@ def runs(tmp_path_factory):
                        # Trained with scanned (stacked) layers; eval and decode below run the
                        # config's per-layer default and must follow final.json's layout.
                        '--config.model.scan_layers=true',
-                       '--config.eval.run_base=false', '--config.eval.run_sft=false').result()
+                       # An SFT eval with other settings than the standalone one below.
+                       '--config.eval.run_base=false', f'--config.eval.limit={EVAL_LIMIT}',
+                       '--config.eval.max_new_tokens=8').result()
   assert rc == 0, err[-3000:]
   final = os.path.join(workdir, 'final')
   assert os.path.isdir(final)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    sft_predictions = json.load(f)['sft']['predictions']
+  with open(sft_predictions) as f:
+    sft_predictions = (sft_predictions, f.read())
 
   evaluate = ('eval', CONFIG, f'--workdir={workdir}', f'--config.eval.limit={EVAL_LIMIT}',
               '--config.eval.max_new_tokens=16')
@@ -104,7 +111,8 @@ def runs(tmp_path_factory):
       _Proc(root, 'eval_base', *evaluate, '--base'),
   ]
   results.update({p.name: p.result() for p in started})
-  return {'root': root, 'workdir': workdir, 'final': final, 'bad': bad, 'results': results}
+  return {'root': root, 'workdir': workdir, 'final': final, 'bad': bad, 'results': results,
+          'sft_predictions': sft_predictions}
 
 
 def _ok(runs, name):
@@ -170,17 +178,27 @@ def test_eval_cli_writes_results_and_predictions(runs):
   results = {}
   for label in ('sft', 'base'):
     out, _ = _ok(runs, f'eval_{label}')
-    path = os.path.join(runs['workdir'], f'eval_{label}_0shot.json')
+    [path] = glob.glob(os.path.join(runs['workdir'], f'eval_{label}_0shot_*.json'))
     assert f'results: {path}' in out
     with open(path) as f:
       result = json.load(f)
     rows = _read_jsonl(result['predictions'])
-    assert result['predictions'] == os.path.join(runs['workdir'], f'predictions_{label}_0shot.jsonl')
+    # Both files are named by the evaluation's settings (a digest after the prompt strategy).
+    digest = os.path.basename(path)[:-len('.json')].split('_')[-1]
+    assert result['predictions'] == os.path.join(runs['workdir'],
+                                                 f'predictions_{label}_0shot_{digest}.jsonl')
+    assert result['settings']['limit'] == EVAL_LIMIT
     assert result['n'] == len(rows) == EVAL_LIMIT
     assert result['strict_correct'] == sum(r['correct_strict'] for r in rows)
     assert result['flexible_correct'] == sum(r['correct_flexible'] for r in rows)
     assert result['strict_accuracy'] == result['strict_correct'] / EVAL_LIMIT
     assert result['strategy'] == 'zero_shot'
     results[label] = rows
+  # The standalone eval (other settings) left the predictions results.json refers to alone.
+  path, text = runs['sft_predictions']
+  with open(path) as f:
+    assert f.read() == text
+  with open(os.path.join(runs['workdir'], 'results.json')) as f:
+    assert json.load(f)['sft']['predictions'] == path
   assert [r['prompt'] for r in results['sft']] == [r['prompt'] for r in results['base']]
   assert [r['completion'] for r in results['sft']] != [r['completion'] for r in results['base']]

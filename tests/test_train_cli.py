@@ -1,5 +1,5 @@
-"""Training through the `main` CLI: loss falls and outputs are written, SIGKILL/SIGTERM resume
-bitwise, one-line errors on bad input, and the final loss of a rerun that finds training done."""
+"""Training through the `main` CLI: loss falls and outputs are written, SIGKILL/Ctrl-C resume
+bitwise, one-line errors on bad input, and a rerun that finds training done."""
 
 import json
 import math
@@ -150,16 +150,18 @@ def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, s
   assert max(losses) == _STEPS_CLI and all(losses[s] == ref_losses[s] for s in ref_losses)
 
 
-def test_sigterm_saves_exits_zero_and_resumes(tmp_path, start, reference_run):
+def test_ctrl_c_saves_exits_130_in_one_line_and_resumes(tmp_path, start, reference_run):
   workdir = tmp_path / 'run'
   run = start(workdir, *_TRAIN_FLAGS, *_NO_EVAL_FLAGS)
   # The handler is installed around the training loop; the first metrics line is written in it.
   _poll(lambda: _logged(workdir), run.proc)
-  run.proc.send_signal(signal.SIGTERM)
+  run.proc.send_signal(signal.SIGINT)
   rc, out, err = run.wait()
-  assert rc == 0, err[-4000:]
-  assert 'Received signal SIGTERM' in out
-  stopped = int(re.search(r'preemption signal: saved step (\d+)', err).group(1))
+  assert rc == 130, err[-4000:]
+  assert 'Received signal SIGINT' in out and 'Traceback' not in err
+  last = err.strip().splitlines()[-1]
+  stopped = int(re.fullmatch(r'error: interrupted \(Ctrl-C\): saved step (\d+) in .*; rerun the '
+                             r'same command to resume', last).group(1))
   assert 1 <= stopped < _STEPS_CLI and stopped in _finished_steps(workdir)
   assert not os.path.exists(workdir / 'final')
 
@@ -167,6 +169,22 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, start, reference_run):
   assert f'at step {stopped}' in err
   reference_run.succeed()
   assert_bitwise_equal(_final_params(workdir), _final_params(reference_run.workdir))
+
+
+def test_rerun_of_a_finished_run_says_so_and_keeps_its_record(reference_run, env):
+  reference_run.succeed()
+  workdir = reference_run.workdir
+
+  def outputs():
+    return {name: open(os.path.join(workdir, name)).read() for name in sorted(os.listdir(workdir))
+            if name.endswith(('.json', '.jsonl'))}
+  before = outputs()
+  proc = subprocess.run(_main_command(workdir, *_TRAIN_FLAGS, *_EVAL_FLAGS), cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'already finished at step {_STEPS_CLI}' in proc.stdout, proc.stdout
+  # No evaluation ran again, and the training record (its timing) was kept.
+  assert outputs() == before
 
 
 def test_end_to_end_loss_falls_and_outputs_are_written(reference_run):
