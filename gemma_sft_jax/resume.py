@@ -42,6 +42,7 @@ SAFE_TO_CHANGE = (
     'model.remat',      # Memory for speed; the same maths.
     'optim.grad_accum',  # Microbatching; the same global batch and normalisation.
     'data.source',      # Where the same data lives (a local copy or the hub).
+    'data.test_split',  # Only evaluations read it.
 )
 
 
