@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import struct
 from typing import Any, Callable, NamedTuple
@@ -99,22 +100,16 @@ def write_safetensors(directory: str | None, tensors: list[Tensor], *, stem: str
 # ----------------------------------------------------------------------------------------------
 # Tokenizers: files for transformers, a vocabulary for GGUF.
 # ----------------------------------------------------------------------------------------------
-def _byte_pieces(vocab_size: int, *, sentencepiece: bool = False
-                 ) -> list[tuple[str, gguf.TokenType]]:
-  """The byte tokenizer as a vocabulary: pad, eos, bos, then <0xXX> for byte b at id b + 3, which
-  tokenizers' byte fallback (and llama.cpp's) encode text into.
-
-  With `sentencepiece`, the space byte is the piece '▁': SentencePiece readers (llama.cpp,
-  transformers' GGUF tokenizer) turn every space into that character before looking pieces up,
-  so this keeps a space one token, as the byte tokenizer has it.
-  """
-  control, byte = gguf.TokenType.CONTROL, gguf.TokenType.BYTE
-  pieces = [('<pad>', control), ('<eos>', control), ('<bos>', control)]
-  pieces += [('▁', gguf.TokenType.NORMAL) if sentencepiece and b == 0x20 else
-             (f'<0x{b:02X}>', byte) for b in range(256)]
+def _byte_pieces(vocab_size: int) -> list[str]:
+  """The byte tokenizer as SentencePiece-style pieces: pad, eos, bos, then byte b at id b + 3 as
+  <0xXX> (what byte fallback encodes text into), but the space byte as '▁': SentencePiece
+  readers (llama.cpp, transformers' GGUF tokenizer) turn every space into that character before
+  looking pieces up, so a space stays one token, as the byte tokenizer has it."""
+  pieces = ['<pad>', '<eos>', '<bos>']
+  pieces += ['▁' if b == 0x20 else f'<0x{b:02X}>' for b in range(256)]
   if vocab_size > len(pieces):
-    pieces.append(('<unk>', gguf.TokenType.UNKNOWN))
-  return pieces + [(f'<unused{k}>', gguf.TokenType.UNUSED) for k in range(vocab_size - len(pieces))]
+    pieces.append('<unk>')
+  return pieces + [f'<unused{k}>' for k in range(vocab_size - len(pieces))]
 
 
 def _files_dir(tok: Any, source: str) -> str | None:
@@ -144,16 +139,18 @@ def write_tokenizer_files(tok: Any, directory: str, *, source: str, vocab_size: 
     import tokenizers  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
     pieces = _byte_pieces(vocab_size)
-    vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
-    model = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], byte_fallback=True))
-    model.decoder = tokenizers.decoders.Sequence([tokenizers.decoders.ByteFallback(),
-                                                  tokenizers.decoders.Fuse()])
+    model = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab={piece: i for i, piece in enumerate(pieces)}, merges=[], byte_fallback=True,
+        unk_token='<unk>' if '<unk>' in pieces else None))
+    model.normalizer = tokenizers.normalizers.Replace(' ', '▁')
+    model.decoder = tokenizers.decoders.Sequence([
+        tokenizers.decoders.Replace('▁', ' '), tokenizers.decoders.ByteFallback(),
+        tokenizers.decoders.Fuse()])
     model.post_processor = tokenizers.processors.TemplateProcessing(
         single='<bos> $A', pair='<bos> $A <bos> $B', special_tokens=[('<bos>', tok.bos_token_id)])
-    fast = transformers.PreTrainedTokenizerFast(
+    transformers.PreTrainedTokenizerFast(
         tokenizer_object=model, bos_token='<bos>', eos_token='<eos>', pad_token='<pad>',
-        unk_token='<unk>' if '<unk>' in vocab else None)
-    fast.save_pretrained(directory)
+        unk_token='<unk>' if '<unk>' in pieces else None).save_pretrained(directory)
   elif files:
     for name in _TOKENIZER_FILES:
       if os.path.exists(os.path.join(files, name)):
@@ -164,54 +161,74 @@ def write_tokenizer_files(tok: Any, directory: str, *, source: str, vocab_size: 
     raise ValueError(f'tokenizer {source!r}: no files to export it with')
 
 
+def _tokenizer_json_vocab(file: str) -> list[tuple[str, float, gguf.TokenType]]:
+  """SentencePiece-style pieces, scores and types of a byte-fallback BPE tokenizer.json.
+
+  llama.cpp merges the adjacent pair whose merged piece scores highest, so a piece's score is
+  minus the rank of the first merge that makes it: the order BPE applies its merges in.
+  """
+  with open(file) as f:
+    spec = json.load(f)
+  model = spec['model']
+  if model.get('type') != 'BPE' or not model.get('byte_fallback'):
+    raise ValueError(f'--format=gguf: {file} is not a byte-fallback BPE tokenizer and there is '
+                     'no tokenizer.model (SentencePiece) beside it')
+  rank: dict[str, int] = {}
+  for r, merge in enumerate(model.get('merges') or []):
+    a, b = merge.split(' ', 1) if isinstance(merge, str) else merge
+    rank.setdefault(a + b, r)
+  pieces = {i: piece for piece, i in model['vocab'].items()}
+  special = set()
+  for t in spec.get('added_tokens') or []:
+    pieces[t['id']] = t['content']
+    if t.get('special'):
+      special.add(t['id'])
+  out = []
+  for i in range(max(pieces) + 1):
+    piece = pieces.get(i, f'[PAD{i}]')
+    kind = (gguf.TokenType.CONTROL if i in special else
+            gguf.TokenType.UNUSED if i not in pieces else
+            gguf.TokenType.UNKNOWN if piece == model.get('unk_token') else
+            gguf.TokenType.BYTE if re.fullmatch(r'<0x[0-9A-Fa-f]{2}>', piece) else
+            gguf.TokenType.NORMAL)
+    out.append((piece, -float(rank[piece]) if piece in rank else 0.0, kind))
+  return out
+
+
 def _gguf_vocab(writer: gguf.GGUFWriter, tok: Any, source: str, vocab_size: int,
                 scratch: str) -> None:
   """Adds the tokenizer.* metadata llama.cpp builds Gemma's tokenizer from.
 
-  A GGUF checkpoint's own vocabulary is copied as it is; the byte tokenizer is written as byte
-  pieces; any other tokenizer needs its SentencePiece model (tokenizer.model), as llama.cpp's
-  converter does for Gemma.
+  A GGUF checkpoint's own vocabulary is copied as it is. Otherwise the tokenizer's files give it:
+  its SentencePiece model (tokenizer.model), as llama.cpp's converter reads Gemma's, or else a
+  byte-fallback BPE tokenizer.json (the byte tokenizer's files are one).
   """
   if source.endswith('.gguf'):
     for key, value in gguf_file.read(source).fields.items():
       if key.startswith('tokenizer.'):
         _add_field(writer, key, value)
     return
+  write_tokenizer_files(tok, scratch, source=source, vocab_size=vocab_size)
+  if os.path.exists(os.path.join(scratch, 'tokenizer.model')):
+    tokens = list(gguf.vocab.SentencePieceVocab(pathlib.Path(scratch)).all_tokens())
+  else:
+    tokens = _tokenizer_json_vocab(os.path.join(scratch, 'tokenizer.json'))
+  if len(tokens) > vocab_size:
+    raise ValueError(f'--format=gguf: the tokenizer has {len(tokens)} tokens, the model '
+                     f'{vocab_size}')
+  # Rows of the embedding past the tokenizer's vocabulary, as llama.cpp's converter pads them.
+  tokens += [(f'[PAD{k}]', -1000.0, gguf.TokenType.UNUSED) for k in range(len(tokens), vocab_size)]
   writer.add_tokenizer_model('llama')
   writer.add_tokenizer_pre('default')
-  if isinstance(tok, tokenizer_lib.ByteTokenizer):
-    pieces = _byte_pieces(vocab_size, sentencepiece=True)
-    writer.add_token_list([p for p, _ in pieces])
-    writer.add_token_scores([0.0] * len(pieces))
-    writer.add_token_types([int(t) for _, t in pieces])
-    writer.add_bos_token_id(tok.bos_token_id)
-    writer.add_eos_token_id(tok.eos_token_id)
-    writer.add_pad_token_id(tok.pad_token_id)
-    if len(pieces) > 259:
-      writer.add_unk_token_id(259)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-  else:
-    write_tokenizer_files(tok, scratch, source=source, vocab_size=vocab_size)
-    if not os.path.exists(os.path.join(scratch, 'tokenizer.model')):
-      raise ValueError(f'--format=gguf: the tokenizer {source!r} has no tokenizer.model '
-                       '(SentencePiece), which the GGUF vocabulary of Gemma is built from')
-    vocab = gguf.vocab.SentencePieceVocab(pathlib.Path(scratch))
-    tokens = list(vocab.all_tokens())
-    if len(tokens) > vocab_size:
-      raise ValueError(f'--format=gguf: the tokenizer has {len(tokens)} tokens, the model '
-                       f'{vocab_size}')
-    # Rows of the embedding past the tokenizer's vocabulary, as llama.cpp's converter pads them.
-    tokens += [(f'[PAD{k}]'.encode(), -1000.0, gguf.TokenType.UNUSED)
-               for k in range(len(tokens), vocab_size)]
-    writer.add_token_list([t for t, _, _ in tokens])
-    writer.add_token_scores([s for _, s, _ in tokens])
-    writer.add_token_types([int(t) for _, _, t in tokens])
-    special = gguf.SpecialVocab(pathlib.Path(scratch), load_merges=False, n_vocab=vocab_size)
-    for kind in ('bos', 'eos', 'pad'):  # The ids the tokenizer we run uses, where files are silent.
-      if getattr(tok, f'{kind}_token_id', None) is not None:
-        special.special_token_ids.setdefault(kind, getattr(tok, f'{kind}_token_id'))
-    special.add_to_gguf(writer, quiet=True)
+  writer.add_token_list([t for t, _, _ in tokens])
+  writer.add_token_scores([s for _, s, _ in tokens])
+  writer.add_token_types([int(t) for _, _, t in tokens])
+  special = gguf.SpecialVocab(pathlib.Path(scratch), load_merges=False, n_vocab=vocab_size)
+  for kind in ('bos', 'eos', 'pad'):  # The ids the tokenizer we run uses, where files are silent.
+    if getattr(tok, f'{kind}_token_id', None) is not None:
+      special.special_token_ids.setdefault(kind, getattr(tok, f'{kind}_token_id'))
+  special.add_special_token.setdefault('bos', True)  # Prompts start with BOS (data.py).
+  special.add_to_gguf(writer, quiet=True)
   writer.add_add_space_prefix(False)
 
 
