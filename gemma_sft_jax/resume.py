@@ -112,9 +112,12 @@ class Health:
   """
 
   def __init__(self, mesh: jax.sharding.Mesh):
-    nan = jnp.full((), jnp.nan, jnp.float32)
-    self._first = jax.device_put({'step': jnp.zeros((), jnp.int32), 'loss': nan, 'grad_norm': nan},
-                                 sharding.replicated(mesh))
+    # Made by a jitted function: device_put of host values would compare them across processes,
+    # and NaN never equals itself.
+    self._first = jax.jit(
+        lambda: {'step': jnp.zeros((), jnp.int32), 'loss': jnp.full((), jnp.nan, jnp.float32),
+                 'grad_norm': jnp.full((), jnp.nan, jnp.float32)},
+        out_shardings=sharding.replicated(mesh))()
     self._note = jax.jit(self._update)
 
   @staticmethod
