@@ -1,4 +1,4 @@
-r"""Export entry point: a run's fine-tuned weights (or the base model) for transformers, PEFT or llama.cpp.
+r"""Export entry point: a run's weights (or the base model) for transformers, PEFT or llama.cpp.
 
   python -m gemma_sft_jax.export --config=configs/gemma3.py:size=270m --workdir=runs/g3_full \
       --format=hf --output=exports/g3_full_hf

@@ -55,8 +55,8 @@ class Tensor(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # Safetensors, streamed (safetensors' writers take every tensor at once).
 # ----------------------------------------------------------------------------------------------
-def write_safetensors(directory: str | None, tensors: list[Tensor], *, stem: str, max_shard_bytes: int,
-                      is_main: bool) -> list[str]:
+def write_safetensors(directory: str | None, tensors: list[Tensor], *, stem: str,
+                      max_shard_bytes: float, is_main: bool) -> list[str]:
   """Writes `tensors` as STEM.safetensors, or as STEM-0000k-of-0000n shards with
   STEM.safetensors.index.json once they exceed `max_shard_bytes`; returns the file names."""
   shards: list[list[Tensor]] = [[]]

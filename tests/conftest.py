@@ -44,6 +44,18 @@ def gemma3_270m_gguf():
 
 
 @pytest.fixture(scope='session')
+def gemma3_270m_transformers(gemma3_270m_gguf):
+  """transformers' own load of the real 270M GGUF (float32, its config read from the GGUF):
+  ~30 s on a 2-core CPU, so one load serves every test that compares against it."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(gemma3_270m_gguf), gguf_file=os.path.basename(gemma3_270m_gguf),
+      dtype=torch.float32)
+  return model.eval()
+
+
+@pytest.fixture(scope='session')
 def gsm8k_dir():
   assert os.path.isdir(GSM8K_DIR), f'GSM8K data not found at {GSM8K_DIR} (set GSM8K_DIR)'
   return GSM8K_DIR

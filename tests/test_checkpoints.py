@@ -150,9 +150,7 @@ REAL_ATOL = 5e-4
 
 
 @pytest.mark.slow
-def test_real_gemma3_270m_matches_transformers_gguf(gemma3_270m_gguf):
-  import transformers  # pylint: disable=g-import-not-at-top
-
+def test_real_gemma3_270m_matches_transformers_gguf(gemma3_270m_gguf, gemma3_270m_transformers):
   config = checkpoints.load_config(gemma3_270m_gguf)
   assert config == architecture.VARIANTS['gemma3_270m']
   tok = tokenizer_lib.load_tokenizer(gemma3_270m_gguf)
@@ -167,10 +165,7 @@ def test_real_gemma3_270m_matches_transformers_gguf(gemma3_270m_gguf):
     ours[scan] = [np.asarray(apply(params, jnp.asarray([x]))[0]) for x in ids]
     del params
 
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(gemma3_270m_gguf), gguf_file=os.path.basename(gemma3_270m_gguf),
-      dtype=torch.float32)
-  hf.eval()
+  hf = gemma3_270m_transformers  # transformers' own GGUF load (conftest).
   for i, x in enumerate(ids):
     with torch.no_grad():
       want = hf(torch.tensor([x])).logits[0].numpy()

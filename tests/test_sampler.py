@@ -172,9 +172,8 @@ def test_greedy_matches_transformers_generate(tmp_path, name, torch_one_thread):
 
 
 @pytest.mark.slow
-def test_real_gemma3_270m_greedy_matches_transformers(gemma3_270m_gguf, gsm8k_dir):
-  import transformers  # pylint: disable=g-import-not-at-top
-
+def test_real_gemma3_270m_greedy_matches_transformers(gemma3_270m_gguf, gemma3_270m_transformers,
+                                                      gsm8k_dir):
   # test_checkpoints checks that the GGUF's metadata gives exactly this config.
   config = architecture.VARIANTS['gemma3_270m']
   tok = tokenizer_lib.load_tokenizer(gemma3_270m_gguf)
@@ -191,14 +190,8 @@ def test_real_gemma3_270m_greedy_matches_transformers(gemma3_270m_gguf, gsm8k_di
                           pad_id=tok.pad_token_id, sampling=sampler.SamplingParams(max_new_tokens=n))
   del params
 
-  # transformers dequantises the GGUF itself. The architecture is passed in because reading it from
-  # the GGUF parses all 262k vocabulary strings a second time (~20 s); test_checkpoints checks
-  # transformers' own reading of it against ours.
-  hf_config = transformers.AutoConfig.for_model(**config.to_hf_dict())
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(gemma3_270m_gguf), gguf_file=os.path.basename(gemma3_270m_gguf),
-      config=hf_config, dtype=torch.float32)
-  hf.eval()
+  # transformers dequantises the GGUF itself (one load for the session, conftest).
+  hf = gemma3_270m_transformers
   for prompt, got in zip(prompts, ours):
     with torch.no_grad():
       out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
