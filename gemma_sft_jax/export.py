@@ -16,10 +16,12 @@ renamed into place when complete; an existing output is replaced only with --ove
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from gemma_sft_jax import exporters
 from gemma_sft_jax import runner
+from gemma_sft_jax import validation
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, "The run's config (and its overrides).",
                                           lock_config=True)
@@ -37,10 +39,12 @@ flags.mark_flags_as_required(['config', 'format', 'output'])
 def _export(config):
   if not _BASE.value and not _WORKDIR.value:
     raise ValueError('give --workdir=RUN (its final/ weights), or --base for the base model')
+  validation.preflight(config, 'export')
   path = exporters.export(config, workdir=_WORKDIR.value, fmt=_FORMAT.value, output=_OUTPUT.value,
                           base=_BASE.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value,
                           max_shard_mb=_SHARD_MB.value)
-  print(f'{_FORMAT.value} export: {path}')
+  if jax.process_index() == 0:
+    print(f'{_FORMAT.value} export: {path}')
 
 
 def main(argv):
@@ -51,4 +55,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=runner.parse_flags)

@@ -27,7 +27,7 @@ from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import optimizer
 from gemma_sft_jax import sharding
 
-COMMANDS = ('main', 'eval', 'decode')
+COMMANDS = ('main', 'eval', 'decode', 'export')
 _DTYPES = ('float32', 'bfloat16')
 
 
@@ -233,7 +233,7 @@ def check_sources(config: ml_collections.ConfigDict, command: str) -> None:
   if m.tokenizer not in ('', 'byte') and not os.path.exists(m.tokenizer):
     if _looks_like_path(m.tokenizer):
       raise ValueError(f'model.tokenizer={m.tokenizer!r}: no such file or directory')
-  if command == 'decode':
+  if command in ('decode', 'export'):  # They read no GSM8K.
     return
   d = config.data
   source = os.path.expanduser(d.source)
@@ -299,7 +299,7 @@ def preflight(config: ml_collections.ConfigDict, command: str, *, workdir: str |
 
   Args:
     config: the run config.
-    command: 'main' | 'eval' | 'decode'.
+    command: 'main' | 'eval' | 'decode' | 'export'.
     workdir: the run directory the command writes in (created if missing).
     outputs: (flag, path) of files the command will write.
     inputs: (flag, path) of files it will read.

@@ -5,7 +5,7 @@ The module fixture writes tiny random Gemma 2 and Gemma 3 checkpoints with save_
 byte tokenizer as their own tokenizer files) and trains them a few steps through the `main` CLI:
 Gemma 2 with LoRA (scanned layers), Gemma 3 full SFT (per-layer). It trains a PEFT adapter on the
 Gemma 3 base in torch meanwhile, then exports each format once through the export CLI (and once
-from two devices), the rest in this process, and decodes through the decode CLI; the tests below
+from two processes), the rest in this process, and decodes through the decode CLI; the tests below
 check one thing each. Bad input that fails before any weights are read runs while training does.
 
 The tiny checkpoints have head_dim = query_pre_attn_scalar = 256, as every released Gemma 2 / 3
@@ -16,6 +16,7 @@ from head_dim, transformers' GGUF reader takes Gemma's default 256).
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import types
@@ -104,6 +105,12 @@ class _Proc:
     return rc, *texts
 
 
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
 def _train_peft_adapter(base_dir, out_dir):
   """A LoRA adapter made and trained by peft in torch (rsLoRA, some projections, some layers)."""
   import peft  # pylint: disable=g-import-not-at-top
@@ -170,11 +177,14 @@ def runs(tmp_path_factory):
   procs += [_Proc(root, f'export_{name}', 'export', *_config_flags(root, run),
                   f'--workdir={os.path.join(root, run)}', f'--output={os.path.join(out, name)}',
                   *flags) for name, (run, *flags) in cli_exports.items()]
-  # The scanned LoRA run from a mesh of two CPU devices (fsdp=2): gathered tensor by tensor.
-  procs.append(_Proc(root, 'export_two_devices', 'export', *_config_flags(root, 'g2_lora'),
-                     f'--workdir={os.path.join(root, "g2_lora")}', '--format=gguf',
-                     f'--output={os.path.join(root, "two_devices", "g2_lora.gguf")}',
-                     env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}))
+  # The scanned LoRA run exported by two processes (one CPU device each, fsdp=2), as launch/
+  # starts several hosts: tensors gathered one at a time, written by process 0.
+  port = _free_port()
+  procs += [_Proc(root, f'export_process_{i}', 'export', *_config_flags(root, 'g2_lora'),
+                  f'--workdir={os.path.join(root, "g2_lora")}', '--format=gguf',
+                  f'--output={os.path.join(root, "two_processes", "g2_lora.gguf")}',
+                  env={'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': '2',
+                       'JAX_PROCESS_ID': str(i)}) for i in range(2)]
   procs.append(_Proc(root, 'bad_peft_of_full', 'export', *g3,
                      f'--workdir={os.path.join(root, "g3_full")}', '--format=peft',
                      f'--output={os.path.join(out, "peft_of_full")}'))
@@ -189,7 +199,7 @@ def runs(tmp_path_factory):
                      output=os.path.join(out, name), dtype=dtype)
   results.update({p.name: p.result() for p in procs[len(RUNS):]})
   for key in ([f'export_{name}' for name in cli_exports] + [f'decode_{run}' for run in RUNS]
-              + ['export_two_devices']):
+              + ['export_process_0', 'export_process_1']):
     assert results[key][0] == 0, f'{key}: {results[key][2][-3000:]}'
   return {'root': root, 'out': out, 'results': results, 'ours': {}}
 
@@ -334,11 +344,14 @@ def test_gguf_export_in_transformers_and_our_loader(runs, run):
     assert tok.decode(byte.encode(text)) == text
 
 
-def test_export_from_a_sharded_mesh_is_the_same_file(runs):
-  _, _, err = runs['results']['export_two_devices']
-  assert 'onto 2 device(s)' in err
+def test_export_from_two_processes_is_the_same_file(runs):
+  outputs = [runs['results'][f'export_process_{i}'] for i in range(2)]
+  assert all('onto 2 device(s)' in err for _, _, err in outputs)
+  printed = [[line for line in out.splitlines() if 'export:' in line] for _, out, _ in outputs]
+  assert printed == [[f'gguf export: {runs["root"]}/two_processes/g2_lora.gguf'], []]
+  assert os.listdir(os.path.join(runs['root'], 'two_processes')) == ['g2_lora.gguf']
   one = gguf_file.read(os.path.join(runs['out'], 'g2_lora.gguf'))
-  two = gguf_file.read(os.path.join(runs['root'], 'two_devices', 'g2_lora.gguf'))
+  two = gguf_file.read(os.path.join(runs['root'], 'two_processes', 'g2_lora.gguf'))
   values = lambda f: {k: v.tolist() if isinstance(v, np.ndarray) else
                       list(v) if isinstance(v, gguf_file.Strings) else v for k, v in f.items()}
   assert values(one.fields) == values(two.fields)
