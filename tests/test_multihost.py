@@ -17,7 +17,7 @@ import numpy as np
 
 from tests.conftest import ROOT
 
-_STEPS = 12
+_STEPS = 8
 _FLAGS = ('--config=configs/tiny.py:family=gemma2', f'--config.train.steps={_STEPS}',
           '--config.train.log_every=1', '--config.checkpoint.every_steps=100',
           '--config.eval.run_base=false', '--config.eval.run_sft=false')

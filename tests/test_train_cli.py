@@ -1,5 +1,5 @@
-"""Training through the `main` CLI: loss falls and outputs are written, SIGKILL/Ctrl-C resume
-bitwise, one-line errors on bad input, and a rerun that finds training done."""
+"""Training through the `main` CLI: loss falls and outputs are written, Ctrl-C and SIGKILL resume
+bitwise, and a rerun that finds training done (bad input: test_validation.py)."""
 
 import json
 import math
@@ -22,7 +22,9 @@ from tests.conftest import ROOT, assert_bitwise_equal, flat, tiny_config
 
 # ---- The CLI end to end. ----------------------------------------------------------------------
 
-_STEPS_CLI = 20
+# Gemma 2's tiny variant (3 layers to Gemma 3's 7) compiles and steps twice as fast.
+_CONFIG = 'configs/tiny.py:family=gemma2'
+_STEPS_CLI = 12
 _TRAIN_FLAGS = (f'--config.train.steps={_STEPS_CLI}', '--config.checkpoint.every_steps=2')
 _EVAL_FLAGS = ('--config.eval.limit=2', '--config.eval.max_new_tokens=4')
 # Interrupted runs: the same training, without evaluations (they do not touch training state).
@@ -30,7 +32,7 @@ _NO_EVAL_FLAGS = ('--config.eval.run_base=false', '--config.eval.run_sft=false')
 
 
 def _main_command(workdir, *flags) -> list[str]:
-  return [sys.executable, '-m', 'gemma_sft_jax.main', '--config=configs/tiny.py',
+  return [sys.executable, '-m', 'gemma_sft_jax.main', f'--config={_CONFIG}',
           f'--workdir={workdir}', *flags]
 
 
@@ -101,7 +103,7 @@ def _poll(condition, proc, timeout=180):
 
 
 def _final_params(workdir) -> dict[str, np.ndarray]:
-  setup = train_lib.model_setup(tiny_config('method=full'), with_lora=False)
+  setup = train_lib.model_setup(tiny_config('family=gemma2,method=full'), with_lora=False)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                           model_lib.param_shapes(setup.model))
@@ -127,31 +129,14 @@ def reference_run(tmp_path_factory, env):
   run.stop()
 
 
-def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, start,
-                                                                      reference_run):
-  # Start once the reference has compiled everything (its first metrics line), so that this
-  # run finds the compiled code in the shared cache instead of compiling it a second time.
+def test_ctrl_c_then_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(
+    tmp_path, start, reference_run):
+  # Start once the reference has compiled everything (its first metrics line), so that these
+  # runs find the compiled code in the shared cache instead of compiling it a second time.
   _poll(lambda: _logged(reference_run.workdir), reference_run.proc)
   workdir = tmp_path / 'run'
-  killed = start(workdir, *_TRAIN_FLAGS, *_NO_EVAL_FLAGS)
-  _poll(lambda: any(s >= 2 for s in _finished_steps(workdir)), killed.proc)
-  killed.proc.kill()  # SIGKILL: no handler runs; an async save may be left half-written.
-  rc, _, _ = killed.wait()
-  assert rc == -signal.SIGKILL
-  steps = _finished_steps(workdir)
-  assert 2 <= steps[-1] < _STEPS_CLI and not os.path.exists(workdir / 'final'), steps
 
-  err = start(workdir, *_TRAIN_FLAGS, *_NO_EVAL_FLAGS).succeed()
-  assert re.search(r'resumed from .* at step (\d+)', err), err[-4000:]
-  reference_run.succeed()
-  assert_bitwise_equal(_final_params(workdir), _final_params(reference_run.workdir))
-  # The per-step losses the resumed run logged are the uninterrupted run's, exactly.
-  losses, ref_losses = _losses(workdir), _losses(reference_run.workdir)
-  assert max(losses) == _STEPS_CLI and all(losses[s] == ref_losses[s] for s in ref_losses)
-
-
-def test_ctrl_c_saves_exits_130_in_one_line_and_resumes(tmp_path, start, reference_run):
-  workdir = tmp_path / 'run'
+  # Ctrl-C: a checkpoint at the next step boundary, one line, exit status 130.
   run = start(workdir, *_TRAIN_FLAGS, *_NO_EVAL_FLAGS)
   # The handler is installed around the training loop; the first metrics line is written in it.
   _poll(lambda: _logged(workdir), run.proc)
@@ -162,13 +147,26 @@ def test_ctrl_c_saves_exits_130_in_one_line_and_resumes(tmp_path, start, referen
   last = err.strip().splitlines()[-1]
   stopped = int(re.fullmatch(r'error: interrupted \(Ctrl-C\): saved step (\d+) in .*; rerun the '
                              r'same command to resume', last).group(1))
-  assert 1 <= stopped < _STEPS_CLI and stopped in _finished_steps(workdir)
+  assert 1 <= stopped < _STEPS_CLI and _finished_steps(workdir)[-1] == stopped
   assert not os.path.exists(workdir / 'final')
 
+  # SIGKILL: no handler runs; an async save may be left half-written.
+  killed = start(workdir, *_TRAIN_FLAGS, *_NO_EVAL_FLAGS)
+  _poll(lambda: any(s >= stopped + 2 for s in _finished_steps(workdir)), killed.proc)
+  killed.proc.kill()
+  rc, _, err = killed.wait()
+  assert rc == -signal.SIGKILL and f'at step {stopped}' in err
+  steps = _finished_steps(workdir)
+  assert stopped + 2 <= steps[-1] < _STEPS_CLI and not os.path.exists(workdir / 'final'), steps
+
+  # The same command again resumes and finishes: the same weights as never stopping.
   err = start(workdir, *_TRAIN_FLAGS, *_NO_EVAL_FLAGS).succeed()
-  assert f'at step {stopped}' in err
+  assert re.search(r'resumed from .* at step (\d+)', err), err[-4000:]
   reference_run.succeed()
   assert_bitwise_equal(_final_params(workdir), _final_params(reference_run.workdir))
+  # The per-step losses the resumed runs logged are the uninterrupted run's, exactly.
+  losses, ref_losses = _losses(workdir), _losses(reference_run.workdir)
+  assert max(losses) == _STEPS_CLI and all(losses[s] == ref_losses[s] for s in ref_losses)
 
 
 def test_rerun_of_a_finished_run_says_so_and_keeps_its_record(reference_run, env):
@@ -197,7 +195,7 @@ def test_end_to_end_loss_falls_and_outputs_are_written(reference_run):
     assert np.isfinite(row['loss']) and row['learning_rate'] >= 0
   steps = [row['step'] for row in rows]
   assert steps == sorted(steps) and steps[0] == 1 and steps[-1] == _STEPS_CLI
-  assert rows[-1]['loss'] < 0.6 * rows[0]['loss'], (rows[0]['loss'], rows[-1]['loss'])
+  assert rows[-1]['loss'] < 0.7 * rows[0]['loss'], (rows[0]['loss'], rows[-1]['loss'])
 
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
@@ -209,28 +207,6 @@ def test_end_to_end_loss_falls_and_outputs_are_written(reference_run):
     final = json.load(f)
   assert final['tuning_method'] == 'full' and final['step'] == _STEPS_CLI
   assert _final_params(workdir)  # final/ holds the full parameter tree.
-
-
-# ---- Bad input: one line on stderr, non-zero exit. ----------------------------------------------
-
-def test_bad_input_exits_nonzero_with_one_line_error(tmp_path, start):
-  no_train = tmp_path / 'gsm8k_without_train'
-  no_train.mkdir()
-  sample = os.path.join(ROOT, 'gemma_sft_jax', 'assets', 'gsm8k_sample', 'test.jsonl')
-  (no_train / 'test.jsonl').write_text(open(sample).read())
-  cases = {  # flags -> what the error line must name
-      ('--config.tuning_method=bogus',): 'tuning_method',
-      (f'--config.data.source={no_train}',): 'train.jsonl',
-      ('--config.mesh.data=3',): 'mesh',
-  }
-  runs = {flags: start(tmp_path / f'run{i}', '--config.eval.run_base=false', *flags)
-          for i, flags in enumerate(cases)}
-  for flags, run in runs.items():
-    rc, _, err = run.wait(timeout=120)
-    last = err.strip().splitlines()[-1]
-    assert rc > 0, (flags, rc, err[-2000:])
-    assert last.startswith('error:') and cases[flags] in last, (flags, last)
-    assert 'Traceback' not in err, (flags, err[-2000:])
 
 
 def test_rerun_after_the_last_step_reports_the_logged_final_loss(tmp_path):
