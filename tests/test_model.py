@@ -107,13 +107,18 @@ def test_causal_and_segments():
 
 
 def _decode_stepwise(model, params, tokens, cache, *, prefill):
-  """Logits of a `prefill`-token prefill then one-token steps through the KV cache: [B, T, V]."""
-  logits, cache = model.apply({'params': params}, tokens[:, :prefill], cache=cache, cache_index=0)
+  """Logits of a `prefill`-token prefill then one-token steps through the KV cache: [B, T, V].
+
+  Jitted (one compile for the prefill, one for every step): op by op, each of the model's
+  primitives would compile on its own.
+  """
+  logits, cache = jax.jit(lambda p, x, c: model.apply({'params': p}, x, cache=c, cache_index=0))(
+      params, tokens[:, :prefill], cache)
+  step = jax.jit(lambda p, x, pos, c, i: model.apply({'params': p}, x, pos, cache=c, cache_index=i))
   steps = [logits]
   for t in range(prefill, tokens.shape[1]):
     pos = jnp.full((tokens.shape[0], 1), t, jnp.int32)
-    logits, cache = model.apply({'params': params}, tokens[:, t:t + 1], pos, cache=cache,
-                                cache_index=t)
+    logits, cache = step(params, tokens[:, t:t + 1], pos, cache, jnp.int32(t))
     steps.append(logits)
   return jnp.concatenate(steps, axis=1)
 
@@ -171,12 +176,14 @@ def test_scanned_layers_match_unrolled(tmp_path, name):
   jax.tree.map(np.testing.assert_array_equal, p_scanned, stacked)
 
   tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, size=(2, SEQ)))
-  ref, _ = unrolled.apply({'params': p_unrolled}, tokens)
-  got, _ = scanned.apply({'params': p_scanned}, tokens)
+  # Jitted: op by op, each primitive compiles on its own (hundreds of compiles).
+  logits = lambda m: jax.jit(lambda p: m.apply({'params': p}, tokens)[0])
+  ref = logits(unrolled)(p_unrolled)
+  got = logits(scanned)(p_scanned)
   np.testing.assert_allclose(got, ref, atol=2e-5)
   loss = lambda m: lambda p: m.apply({'params': p}, tokens)[0].std()
-  g_ref = _stack(jax.grad(loss(unrolled))(p_unrolled), config.num_layers)
-  g_got = jax.grad(loss(scanned))(p_scanned)
+  g_ref = _stack(jax.jit(jax.grad(loss(unrolled)))(p_unrolled), config.num_layers)
+  g_got = jax.jit(jax.grad(loss(scanned)))(p_scanned)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), g_got, g_ref)
 
   # LoRA on a subset of projections: the same adapters, stacked, give the same logits, and
@@ -190,15 +197,15 @@ def test_scanned_layers_match_unrolled(tmp_path, name):
   with_u = lora.join(p_unrolled, adapters)  # Base weights from the checkpoint, adapters from init.
   with_s = _stack(with_u, config.num_layers)
   assert jax.tree.structure(with_s) == jax.tree.structure(model_lib.param_shapes(lora_s))
-  ref, _ = lora_u.apply({'params': with_u}, tokens)
-  np.testing.assert_allclose(lora_s.apply({'params': with_s}, tokens)[0], ref, atol=2e-5)
-  assert np.abs(ref - unrolled.apply({'params': p_unrolled}, tokens)[0]).max() > 1e-3
+  ref = logits(lora_u)(with_u)
+  np.testing.assert_allclose(logits(lora_s)(with_s), ref, atol=2e-5)
+  assert np.abs(ref - logits(unrolled)(p_unrolled)).max() > 1e-3
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                lora.merge_weights(with_s, spec),
                _stack(lora.merge_weights(with_u, spec), config.num_layers))
 
   # Prefill + single-token steps through the stacked KV cache give the full forward's logits.
-  full, _ = scanned.apply({'params': p_scanned}, tokens)
+  full = logits(scanned)(p_scanned)
   cache = model_lib.init_cache(config, 2, SEQ, jnp.float32, stacked=True)
   np.testing.assert_allclose(_decode_stepwise(scanned, p_scanned, tokens, cache, prefill=9), full,
                              atol=1e-4)
