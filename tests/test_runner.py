@@ -21,20 +21,25 @@ def test_compilation_cache_dir_choices():
                                        'GEMMA_SFT_JAX_COMPILATION_CACHE': '0'}) == '/j'
 
 
-def _decode(tmp_path, **env_overrides):
-  """The tiny decode CLI with a home of its own and no JAX_COMPILATION_CACHE_DIR."""
+def _decode(tmp_path, home='home', **env_overrides) -> subprocess.Popen:
+  """Starts the tiny decode CLI with a home of its own and no JAX_COMPILATION_CACHE_DIR."""
   env = cli_env(str(tmp_path / 'unused'))
   # The defaults of setup_jax, not the test suite's settings.
   del env['JAX_COMPILATION_CACHE_DIR'], env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']
   env.pop('XDG_CACHE_HOME', None)
   env.pop('GEMMA_SFT_JAX_COMPILATION_CACHE', None)
-  env.update(HOME=str(tmp_path / 'home'), **env_overrides)
-  proc = subprocess.run(
+  env.update(HOME=str(tmp_path / home), **env_overrides)
+  return subprocess.Popen(
       [sys.executable, '-m', 'gemma_sft_jax.decode', '--config=configs/tiny.py:family=gemma2',
        r'--prompt=Question: 2+3?\nAnswer:', '--config.decode.max_new_tokens=4'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  return proc
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stderr(proc: subprocess.Popen) -> str:
+  """stderr of a decode run, which must have exited 0."""
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  return err
 
 
 def _files(directory):
@@ -42,20 +47,23 @@ def _files(directory):
 
 
 def test_compilation_cache_on_by_default_and_can_be_turned_off(tmp_path):
+  # Two runs at a time (compiling takes one core): cache off, in a home of its own, beside the
+  # first run with the default cache; then a rerun beside a run with the cache moved.
   default = tmp_path / 'home' / '.cache' / 'gemma_sft_jax' / 'jax'
-  proc = _decode(tmp_path, GEMMA_SFT_JAX_COMPILATION_CACHE='0')
-  assert not os.path.exists(default)
-  assert 'JAX compilation cache' not in proc.stderr
+  off, on = _decode(tmp_path, 'home_off', GEMMA_SFT_JAX_COMPILATION_CACHE='0'), _decode(tmp_path)
+  assert 'JAX compilation cache' not in _stderr(off)
+  assert not os.path.exists(tmp_path / 'home_off' / '.cache')
 
-  proc = _decode(tmp_path)
-  assert f'JAX compilation cache: {default}' in proc.stderr
-  assert 'decoding 1 prompt(s), up to 4 new tokens each' in proc.stderr
+  err = _stderr(on)
+  assert f'JAX compilation cache: {default}' in err
+  assert 'decoding 1 prompt(s), up to 4 new tokens each' in err
   cached = sorted(_files(default))
   # Small programs are kept too: the decoder, the random init and their helpers.
   assert len(cached) >= 4 and any('generate' in f for f in cached)
-  _decode(tmp_path)
-  assert sorted(_files(default)) == cached  # Every program of the rerun came from the cache.
 
   moved = tmp_path / 'moved'
-  _decode(tmp_path, GEMMA_SFT_JAX_COMPILATION_CACHE=str(moved))
-  assert len(_files(moved)) == len(cached) and sorted(_files(default)) == cached
+  rerun, elsewhere = _decode(tmp_path), _decode(tmp_path, GEMMA_SFT_JAX_COMPILATION_CACHE=str(moved))
+  _stderr(rerun)
+  _stderr(elsewhere)
+  assert sorted(_files(default)) == cached  # Every program of the rerun came from the cache.
+  assert len(_files(moved)) == len(cached)
