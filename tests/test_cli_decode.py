@@ -74,9 +74,13 @@ def runs(tmp_path_factory):
     f.write(json.dumps({'prompt': 'Question: 1 + 1?\nAnswer:'}) + '\n'
             + json.dumps({'text': 'no prompt key'}) + '\n')
 
-  # Bad input fails before any model is built, so it needs no trained run: start it meanwhile.
+  # Two runs at a time (compiling takes one core), in waves, so that later runs find the programs
+  # of earlier ones (the random init, decoding) in the cache. Bad input fails before any model is
+  # built, and the base model needs no trained run: both start beside the training.
   started = [_Proc(root, 'bad_input', 'decode', CONFIG, f'--prompts={bad}',
-                   f'--output={root}/bad_out.jsonl')]
+                   f'--output={root}/bad_out.jsonl'),
+             _Proc(root, 'decode_base', 'decode', CONFIG, f'--prompts={prompts}',
+                   f'--output={root}/base.jsonl')]
   rc, out, err = _Proc(root, 'train', 'main', f'{CONFIG},method=lora', f'--workdir={workdir}',
                        '--config.train.steps=10', '--config.optim.lr=0.05',
                        # Trained with scanned (stacked) layers; eval and decode below run the
@@ -92,25 +96,19 @@ def runs(tmp_path_factory):
     sft_predictions = json.load(f)['sft']['predictions']
   with open(sft_predictions) as f:
     sft_predictions = (sft_predictions, f.read())
+  results = {p.name: p.result() for p in started}
 
   evaluate = ('eval', CONFIG, f'--workdir={workdir}', f'--config.eval.limit={EVAL_LIMIT}',
               '--config.eval.max_new_tokens=16')
-  # Two waves, so that the second finds the random-init programs of the first in the cache.
-  first = [
-      _Proc(root, 'decode_base', 'decode', CONFIG, f'--prompts={prompts}',
-            f'--output={root}/base.jsonl'),
-      _Proc(root, 'decode_adapter', 'decode', CONFIG, f'--prompts={prompts}',
-            f'--output={root}/adapter.jsonl', f'--adapter={final}'),
-  ]
-  results = {p.name: p.result() for p in first}
-  started += [
+  for wave in (
+      [_Proc(root, 'decode_adapter', 'decode', CONFIG, f'--prompts={prompts}',
+             f'--output={root}/adapter.jsonl', f'--adapter={final}'),
+       _Proc(root, 'eval_base', *evaluate, '--base')],
       # --prompt turns a typed '\n' into a newline.
-      _Proc(root, 'decode_prompt', 'decode', CONFIG,
-            '--prompt=' + PROMPTS[1].replace('\n', '\\n'), f'--adapter={final}'),
-      _Proc(root, 'eval_sft', *evaluate),
-      _Proc(root, 'eval_base', *evaluate, '--base'),
-  ]
-  results.update({p.name: p.result() for p in started})
+      [_Proc(root, 'decode_prompt', 'decode', CONFIG,
+             '--prompt=' + PROMPTS[1].replace('\n', '\\n'), f'--adapter={final}'),
+       _Proc(root, 'eval_sft', *evaluate)]):
+    results.update({p.name: p.result() for p in wave})
   return {'root': root, 'workdir': workdir, 'final': final, 'bad': bad, 'results': results,
           'sft_predictions': sft_predictions}
 
