@@ -86,9 +86,11 @@ def test_microbatches_sum_to_the_full_batch_loss():
   """Summing (loss_sum, weight_sum) over microbatches gives exactly the full-batch mean loss and
   gradient, even with a different number of supervised tokens per microbatch."""
   hidden, embedding, targets, weights = _inputs(seed=2, b=6)
-  fn = functools.partial(loss.chunked_cross_entropy, softcap=5.0, chunk_size=50)
+  # Jitted: op by op, every primitive of the chunked loss would compile on its own per shape.
+  fn = jax.jit(functools.partial(loss.chunked_cross_entropy, softcap=5.0, chunk_size=50))
+  grad_fn = jax.jit(jax.grad(lambda e, h, t, w, n: fn(h, e, t, w)[0] / n))
   full_sum, full_count = fn(hidden, embedding, targets, weights)
-  full_grad = jax.grad(lambda e: fn(hidden, e, targets, weights)[0] / full_count)(embedding)
+  full_grad = grad_fn(embedding, hidden, targets, weights, full_count)
 
   for num_micro in (2, 3, 6):
     parts = [fn(h, embedding, t, w) for h, t, w in zip(
@@ -98,7 +100,7 @@ def test_microbatches_sum_to_the_full_batch_loss():
     assert float(weight_sum) == float(full_count)
     np.testing.assert_allclose(loss_sum / weight_sum, full_sum / full_count, rtol=1e-6)
     # Accumulated gradients, each divided by the global token count, equal the full gradient.
-    grad = sum(jax.grad(lambda e, h=h, t=t, w=w: fn(h, e, t, w)[0] / full_count)(embedding)
+    grad = sum(grad_fn(embedding, h, t, w, full_count)
                for h, t, w in zip(*(jnp.split(x, num_micro) for x in (hidden, targets, weights))))
     _assert_close(grad, full_grad, rtol=1e-5)
 

@@ -374,11 +374,7 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent("""
 def test_rows_split_over_two_processes(tmp_path):
   """Evaluation on a pod splits the batch over hosts; every process must get every row back."""
   config = SMALL
-  model = model_lib.Transformer(config)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
   prompts = _prompts(config, lengths=(4, 9, 2, 6), seed=2)
-  want = sampler.generate(model, params, prompts, eos_id=-1,
-                          sampling=sampler.SamplingParams(max_new_tokens=6))
   script = tmp_path / 'two_processes.py'
   script.write_text(_TWO_PROCESS_SCRIPT)
   with socket.socket() as sock:
@@ -391,6 +387,11 @@ def test_rows_split_over_two_processes(tmp_path):
   procs = [subprocess.Popen([sys.executable, str(script), f'localhost:{port}', str(i),
                              json.dumps(prompts)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  # The one-process reference, computed while the two processes start.
+  model = model_lib.Transformer(config)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
+  want = sampler.generate(model, params, prompts, eos_id=-1,
+                          sampling=sampler.SamplingParams(max_new_tokens=6))
   for i, proc in enumerate(procs):
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, f'process {i}:\n{out[-3000:]}'
