@@ -211,6 +211,12 @@ class Checkpointer:
     self.close()
 
 
+def _preemption_service_running() -> bool:
+  """Whether JAX's preemption service (which catches SIGTERM natively) runs in this process."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return getattr(distributed.global_state, 'preemption_sync_manager', None) is not None
+
+
 class PreemptionGuard:
   """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the training loop polls, so a stopped run
   saves a checkpoint at the next step boundary; a second Ctrl-C stops at once, saving nothing.
@@ -266,9 +272,9 @@ class PreemptionGuard:
 
   def __enter__(self) -> PreemptionGuard:
     self._use_sync_point = jax.process_count() > 1
-    if self._use_sync_point:
+    if self._use_sync_point and _preemption_service_running():
       self._install([s for s in self._signals if s == signal.SIGINT], self._forward_to_service)
-    else:
+    elif not self._use_sync_point:
       self._install(self._signals, self._handler)
     return self
 
