@@ -27,6 +27,7 @@ import ml_collections
 from gemma_sft_jax import checkpointing
 from gemma_sft_jax import sharding
 
+
 class TrainingError(RuntimeError):
   """The run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 

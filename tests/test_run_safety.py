@@ -15,7 +15,7 @@ import pytest
 from gemma_sft_jax import checkpointing
 from gemma_sft_jax import resume
 from gemma_sft_jax import train as train_lib
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config
 
 _ARG = 'family=gemma2'
 
@@ -78,6 +78,13 @@ def test_resume_refuses_training_changes_and_allows_the_rest(tmp_path, monkeypat
   assert all(resume.is_safe_to_change(k) for k in safe if not k.startswith('lora.'))
   with checkpointing.Checkpointer(str(tmp_path), every_steps=1, keep=1) as ckpt:
     assert resume.resume_point(_config(**safe), ckpt) == 3
+
+
+def test_the_readme_lists_every_field_a_resume_may_change():
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    readme = f.read()
+  for key in resume.SAFE_TO_CHANGE:
+    assert f'`{key}*`' in readme if key.endswith('.') else f'`{key}`' in readme, key
 
 
 def test_a_tokenizer_that_does_not_fit_the_model_is_refused(gemma3_270m_gguf):
