@@ -77,7 +77,8 @@ def test_scaling_dry_run(cpu):
     assert devices[-1] == 'XLA_FLAGS=--xla_force_host_platform_device_count=8'
     assert all('--config=configs/tiny.py' in c for c in cmds)
   else:
-    assert devices[0] == 'CUDA_VISIBLE_DEVICES=0' and devices[-1] == 'CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7'
+    assert devices[0] == 'CUDA_VISIBLE_DEVICES=0'
+    assert devices[-1] == 'CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7'
     assert all('--config=configs/gemma2.py:size=2b,method=lora' in c for c in cmds)
   assert all(c[c.index('-m') + 1] == 'gemma_sft_jax.benchmark' and '--output=/tmp/s.jsonl' in c
              for c in cmds)

@@ -62,7 +62,8 @@ def test_compilation_cache_on_by_default_and_can_be_turned_off(tmp_path):
   assert len(cached) >= 4 and any('generate' in f for f in cached)
 
   moved = tmp_path / 'moved'
-  rerun, elsewhere = _decode(tmp_path), _decode(tmp_path, GEMMA_SFT_JAX_COMPILATION_CACHE=str(moved))
+  rerun = _decode(tmp_path)
+  elsewhere = _decode(tmp_path, GEMMA_SFT_JAX_COMPILATION_CACHE=str(moved))
   _stderr(rerun)
   _stderr(elsewhere)
   assert sorted(_files(default)) == cached  # Every program of the rerun came from the cache.

