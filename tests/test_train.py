@@ -151,22 +151,14 @@ _REFERENCES = {'full': dict(method='full'), 'lora': dict(method='lora'),
 
 
 def test_meshes_match_one_device(tmp_path, env, one_device_runs):
-  # The 8-device runs go in two subprocesses (XLA compiles on one core: two keep both cores of a
-  # small CI machine busy); this process computes the references meanwhile.
-  names = list(_MESH_RUNS)
-  procs = []
-  for i, group in enumerate((names[0::2], names[1::2])):
-    log = open(tmp_path / f'log{i}', 'w')  # pylint: disable=consider-using-with
-    procs.append((log, subprocess.Popen(
-        [sys.executable, '-c', _MESH_SCRIPT, str(tmp_path),
-         json.dumps({k: _MESH_RUNS[k] for k in group})], cwd=ROOT,
+  # The 8-device runs go in a subprocess; this process computes the references meanwhile.
+  with open(tmp_path / 'log', 'w') as log:
+    proc = subprocess.Popen(
+        [sys.executable, '-c', _MESH_SCRIPT, str(tmp_path), json.dumps(_MESH_RUNS)], cwd=ROOT,
         env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8'), stdout=log,
-        stderr=subprocess.STDOUT)))
-  refs = {name: one_device_runs(name, **kwargs) for name, kwargs in _REFERENCES.items()}
-  for i, (log, proc) in enumerate(procs):
-    code = proc.wait(timeout=400)
-    log.close()
-    assert code == 0, (tmp_path / f'log{i}').read_text()[-4000:]
+        stderr=subprocess.STDOUT)
+    refs = {name: one_device_runs(name, **kwargs) for name, kwargs in _REFERENCES.items()}
+    assert proc.wait(timeout=400) == 0, (tmp_path / 'log').read_text()[-4000:]
 
   for name in _MESH_RUNS:
     ref = refs[name.split('_')[0]]
