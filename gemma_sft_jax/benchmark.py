@@ -149,11 +149,7 @@ def _bench(config):
       f.write(line + '\n')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  runner.setup_jax()
-  runner.exit_on_bad_input(_bench, _CONFIG.value)
+main = runner.absl_main(_bench, _CONFIG)
 
 
 if __name__ == '__main__':

@@ -89,11 +89,7 @@ def _decode(config):
   print(f'{len(prompts)} completions -> {_OUTPUT.value}', file=sys.stderr)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  runner.setup_jax()
-  runner.exit_on_bad_input(_decode, _CONFIG.value)
+main = runner.absl_main(_decode, _CONFIG)
 
 
 if __name__ == '__main__':

@@ -55,11 +55,7 @@ def _evaluate(config, workdir, use_base):
   print(f'results: {path}\npredictions: {result["predictions"]}')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  runner.setup_jax()
-  runner.exit_on_bad_input(_evaluate, _CONFIG.value, _WORKDIR.value, _BASE.value)
+main = runner.absl_main(_evaluate, _CONFIG, _WORKDIR, _BASE)
 
 
 if __name__ == '__main__':

@@ -47,11 +47,7 @@ def _export(config):
     print(f'{_FORMAT.value} export: {path}')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  runner.setup_jax()
-  runner.exit_on_bad_input(_export, _CONFIG.value)
+main = runner.absl_main(_export, _CONFIG)
 
 
 if __name__ == '__main__':

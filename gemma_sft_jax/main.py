@@ -19,11 +19,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  runner.setup_jax()
-  runner.exit_on_bad_input(runner.train_and_evaluate, _CONFIG.value, _WORKDIR.value)
+main = runner.absl_main(runner.train_and_evaluate, _CONFIG, _WORKDIR)
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from absl import flags
+from absl import app
 from absl import logging
 import jax
 import ml_collections
@@ -141,6 +142,17 @@ def shutdown_jax() -> None:
   """Leaves the multi-host group cleanly (a no-op for one process)."""
   if jax.process_count() > 1:
     jax.distributed.shutdown()
+
+
+def absl_main(fn: Callable[..., Any], *flag_holders: Any) -> Callable[[list[str]], None]:
+  """The `main(argv)` of an entry point: no positional arguments, JAX set up (`setup_jax`), then
+  fn(flag values...) with bad input reported in one line (`exit_on_bad_input`)."""
+  def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    setup_jax()
+    exit_on_bad_input(fn, *(f.value for f in flag_holders))
+  return main
 
 
 def exit_on_bad_input(fn: Callable[..., Any], *args, **kwargs) -> Any:
