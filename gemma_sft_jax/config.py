@@ -4,7 +4,7 @@ Config files in `configs/` call `base_config()` and change what their model / me
 return the locked ConfigDict. Only the entry points (`main`, `eval`, `decode`) and `train.run` read
 this object; library functions take explicit keyword arguments.
 
-Fields (DESIGN.md's contract):
+Fields (the contract the README documents):
   model.checkpoint    hub id, local HF dir, or .gguf path; '' = random init of `model.variant`
   model.variant       a named variant (see `architecture.VARIANTS`) used for random init / shape checks
   model.dtype         activation dtype, 'float32' | 'bfloat16'
