@@ -21,13 +21,9 @@ like the param (`state_shardings`). Each step dequantises, does the Adam update 
 uses the fresh fp32 moments, as bitsandbytes does), and requantises. Small tensors (< 4096 elements)
 keep fp32 moments: their 8-bit saving is negligible and norms are sensitive.
 
-The chain is the reference semantics (tested against `optax.adamw`). Training applies the same
-maths through `make_update`, one fused pass per block of each parameter: clip, Adam, decay, LR and
-the (stochastically rounded, for bf16 params) write of the new weights. Going through the chain
-would materialise whole-tree fp32 intermediates (dequantised moments, the fp32 update, random
-bits): for Gemma 2 9B with stacked layers that was 150 GiB of temporaries. Blockwise, the update
-needs a few fp32 blocks of at most `CHUNK_ELEMENTS` at a time, and rewrites params and moments in
-place.
+The chain is the reference semantics (tested against `optax.adamw`); training applies the same
+maths fused, block by block and in place, through `update.make_update`, which uses this chain's
+state and `adam_leaf`.
 """
 
 from __future__ import annotations
@@ -37,18 +33,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gemma_sft_jax import quantization as quant
-from gemma_sft_jax import rounding
 from gemma_sft_jax.quantization import BLOCK_SIZE, QuantizedArray
 
 STATE_DTYPES = ('int8', 'bfloat16', 'float32')
 MIN_QUANTIZED_SIZE = 4096
-# Largest block (elements) the fused update processes at once: 256 MiB per fp32 temporary.
-CHUNK_ELEMENTS = 1 << 26
 
 
 def load_moment(stored: Any, *, block_size: int = BLOCK_SIZE) -> jax.Array:
@@ -65,7 +57,7 @@ def store_moment(x: jax.Array, like: Any, *, block_size: int = BLOCK_SIZE) -> An
   return x.astype(like.dtype)
 
 
-def _bias_corrections(b1: float, b2: float, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+def bias_corrections(b1: float, b2: float, count: jax.Array) -> tuple[jax.Array, jax.Array]:
   t = count.astype(jnp.float32)
   return 1.0 - jnp.asarray(b1, jnp.float32) ** t, 1.0 - jnp.asarray(b2, jnp.float32) ** t
 
@@ -75,7 +67,7 @@ def adam_leaf(g: jax.Array, mu: Any, nu: Any, *, b1: float, b2: float, eps: floa
               ) -> tuple[jax.Array, Any, Any]:
   """One leaf (or block of a leaf) of Adam: fp32 gradient g -> (update direction, new mu, new nu).
 
-  The one copy of Adam's maths, shared by `scale_by_adam_8bit` and `make_update`: moments are
+  The one copy of Adam's maths, shared by `scale_by_adam_8bit` and `update.make_update`: moments are
   loaded to fp32, updated, used for the direction (the fresh fp32 values, as bitsandbytes does)
   and stored back in their own format. `bc` are the bias corrections (1 - b1^t, 1 - b2^t).
   """
@@ -137,7 +129,7 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
   def update_fn(updates, state, params=None):
     del params
     count = state.count + 1
-    bc = _bias_corrections(b1, b2, count)
+    bc = bias_corrections(b1, b2, count)
 
     def leaf(g, mu, nu):
       return adam_leaf(g.astype(jnp.float32), mu, nu, b1=b1, b2=b2, eps=eps, bc=bc,
@@ -333,153 +325,3 @@ def state_bytes(abstract_params: Any, state_dtype: str = 'int8', *,
                          min_quantized_size=min_quantized_size)
   abstract = jax.eval_shape(tx.init, abstract_params)
   return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract))
-
-
-
-# ---- The training update: one fused pass per block of each parameter. ---------------------------
-
-def chunk_plan(params: Any) -> Any:
-  """How many blocks each leaf's update runs in, along its first axis (1 = the whole leaf).
-
-  Used for leaves with 8-bit moments. A leaf of more than `CHUNK_ELEMENTS` elements (and rank
-  >= 2) is split into the fewest equal
-  blocks along axis 0 that are each at most that size (for stacked layers: a few layers at a
-  time; for the embedding: groups of vocabulary rows). A leaf whose axis 0 is sharded is not split
-  (a dynamic slice of a sharded axis would gather it). The random bits of stochastic rounding
-  depend on element indices only, so the plan does not change the result.
-
-  Args:
-    params: the trainable tree, as arrays (their shardings are read) or ShapeDtypeStructs.
-
-  Returns:
-    A tree like params of ints.
-  """
-  def blocks(x):
-    size, lead = math.prod(x.shape), x.shape[0] if x.ndim else 1
-    sharding = getattr(x, 'sharding', None)
-    if x.ndim < 2 or size <= CHUNK_ELEMENTS:
-      return 1
-    if isinstance(sharding, NamedSharding) and len(sharding.spec) and sharding.spec[0] is not None:
-      return 1
-    need = -(-size // CHUNK_ELEMENTS)
-    return next((n for n in range(need, lead + 1) if lead % n == 0), lead)
-  return jax.tree.map(blocks, params)
-
-
-def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: float | None,
-                decay_mask: Any, chunks: Any, b1: float = 0.9, b2: float = 0.999,
-                eps: float = 1e-8, block_size: int = BLOCK_SIZE,
-                stochastic_rounding: bool = True) -> Any:
-  """The training update with the semantics of `make_optimizer`'s chain, fused per block.
-
-  For each leaf (or block of `chunks` along axis 0, in place, one after another): the gradient
-  sum is divided by the token count and clipped, Adam's moments are loaded, updated and stored
-  back (`adam_leaf`), decoupled weight decay and the LR are applied, and the new weights are
-  written, rounded stochastically when they are bf16 and `stochastic_rounding` is on. No
-  whole-tree fp32 temporaries exist; gradients may be bf16.
-
-  Args:
-    schedule: LR schedule (from `make_schedule`); update k uses schedule(k).
-    weight_decay: decoupled decay coefficient (times the LR).
-    clip_norm: max global gradient norm; None or 0 disables clipping.
-    decay_mask: a bool tree like params (`default_decay_mask`).
-    chunks: an int tree like params (`chunk_plan`).
-    b1: Adam first-moment decay.
-    b2: Adam second-moment decay.
-    eps: Adam epsilon.
-    block_size: the 8-bit absmax block (as the state was made with).
-    stochastic_rounding: round bf16 params stochastically (else to nearest).
-
-  Returns:
-    update(params, grad_sums, opt_state, *, divisor, seed) -> (params, opt_state, grad_norm):
-    `opt_state` is `make_optimizer(...)[0].init(params)`'s structure (so checkpoints and
-    `state_shardings` are shared with the chain), `divisor` the number of supervised tokens the
-    gradient sums are over, `seed` a uint32 scalar for this step's rounding bits, and
-    `grad_norm` the global norm of grad_sums / divisor before clipping.
-  """
-
-  def update(params, grad_sums, opt_state, *, divisor, seed):
-    adam_index = _state_index(opt_state, ScaleByAdam8bitState)
-    sched_index = _state_index(opt_state, optax.ScaleByScheduleState)
-    adam, sched = opt_state[adam_index], opt_state[sched_index]
-    count = adam.count + 1
-    bc = _bias_corrections(b1, b2, count)
-    lr = jnp.asarray(schedule(sched.count), jnp.float32)
-    divisor = jnp.asarray(divisor, jnp.float32)
-    leaves, treedef = jax.tree.flatten(params)
-    grads, mus, nus, decays, plan = (
-        treedef.flatten_up_to(t) for t in (grad_sums, adam.mu, adam.nu, decay_mask, chunks))
-
-    def sum_squares(g, n):
-      # The divided gradients' squared norm, block by block for split leaves. The barrier keeps
-      # XLA from hoisting the fp32 conversion of the whole leaf out of the loop.
-      sq = lambda x: jnp.sum(jnp.square(x.astype(jnp.float32) / divisor))  # noqa: E731
-      if n == 1:
-        return sq(g)
-      rows = g.shape[0] // n
-      return jax.lax.fori_loop(0, n, lambda i, c: (
-          c[0], c[1] + sq(_barrier(jax.lax.dynamic_slice_in_dim(c[0], i * rows, rows)))),
-          (g, jnp.zeros((), jnp.float32)))[1]
-
-    norm = jnp.sqrt(sum(sum_squares(g, n) for g, n in zip(grads, plan)))
-
-    def block(p, g, mu, nu, decay, seed_leaf, offset):
-      g = g.astype(jnp.float32) / divisor
-      if clip_norm:  # As optax.clip_by_global_norm.
-        g = jnp.where(norm < clip_norm, g, (g / norm.astype(g.dtype)) * clip_norm)
-      u, mu, nu = adam_leaf(g, mu, nu, b1=b1, b2=b2, eps=eps, bc=bc, block_size=block_size)
-      p32 = p.astype(jnp.float32)
-      if decay and weight_decay:
-        u = u + weight_decay * p32
-      new = p32 + -(lr * u)  # The chain's order: scale by LR, negate, add.
-      if stochastic_rounding and p.dtype == jnp.bfloat16:
-        bits = rounding.random_bits16(rounding.element_index(p.shape, offset), seed_leaf)
-        new = rounding.stochastic_round_to_bf16(new, bits)
-      return new.astype(p.dtype), mu, nu
-
-    def leaf(index, p, g, mu, nu, decay, n):
-      seed_leaf = rounding.fold_seed(seed, index)
-      # Only 8-bit moments need blocks: their absmax reductions split the update into several
-      # XLA fusions with whole-leaf fp32 intermediates. With bf16/fp32 moments the whole-leaf
-      # update is one elementwise fusion without temporaries (a loop would only add copies).
-      if n == 1 or not isinstance(mu, QuantizedArray):
-        return block(p, g, mu, nu, decay, seed_leaf, 0)
-      rows = p.shape[0] // n
-      row_elements = math.prod(p.shape[1:])
-
-      def body(i, carry):
-        p, g, mu, nu = carry
-        start = i * rows
-        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, rows)  # noqa: E731
-        put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, start, 0)  # noqa: E731
-        offset = start.astype(jnp.uint32) * jnp.uint32(row_elements % (1 << 32))
-        new_p, new_mu, new_nu = block(take(p), _barrier(take(g)), jax.tree.map(take, mu),
-                                      jax.tree.map(take, nu), decay, seed_leaf, offset)
-        return put(p, new_p), g, jax.tree.map(put, mu, new_mu), jax.tree.map(put, nu, new_nu)
-
-      p, _, mu, nu = jax.lax.fori_loop(0, n, body, (p, g, mu, nu))
-      return p, mu, nu
-
-    out = [leaf(i, *args) for i, args in enumerate(zip(leaves, grads, mus, nus, decays, plan))]
-    new_params = treedef.unflatten([o[0] for o in out])
-    new_adam = ScaleByAdam8bitState(count=count, mu=treedef.unflatten([o[1] for o in out]),
-                                    nu=treedef.unflatten([o[2] for o in out]))
-    new_state = list(opt_state)
-    new_state[adam_index] = new_adam
-    new_state[sched_index] = optax.ScaleByScheduleState(
-        count=optax.safe_int32_increment(sched.count))
-    return new_params, type(opt_state)(new_state), norm
-
-  return update
-
-
-def _barrier(x: jax.Array) -> jax.Array:
-  return jax.lax.optimization_barrier(x)
-
-
-def _state_index(opt_state: tuple, kind: type) -> int:
-  found = [i for i, s in enumerate(opt_state) if isinstance(s, kind)]
-  if len(found) != 1:
-    raise ValueError(f'make_update: expected one {kind.__name__} in the optimizer state '
-                     f'(make_optimizer\'s chain), found {len(found)}')
-  return found[0]

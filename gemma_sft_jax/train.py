@@ -31,6 +31,7 @@ from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import optimizer as optimizer_lib
 from gemma_sft_jax import resume
 from gemma_sft_jax import sharding
+from gemma_sft_jax import update as update_lib
 from gemma_sft_jax import tokenizer as tokenizer_lib
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -170,7 +171,7 @@ def make_train_step(*, grad_fn: Callable[..., Any], update: Callable[..., Any],
 
   Args:
     grad_fn: from `make_grad_fn`.
-    update: from `optimizer.make_update`.
+    update: from `update.make_update`.
     grad_accum: microbatches per step.
   """
   def train_step(state, frozen, batch):
@@ -211,7 +212,7 @@ class Parts:
   schedule: Callable[[Any], Any]
   step_fn: Callable[..., Any]  # (state, frozen, batch) -> (state, metrics); donates state
   # The step's two halves, unjitted, for benchmarks: grad_fn(trainable, frozen, batch, rng) and
-  # update(params, grad_sums, opt_state, *, divisor, seed) (optimizer.make_update).
+  # update(params, grad_sums, opt_state, *, divisor, seed) (update.make_update).
   grad_fn: Callable[..., Any]
   update: Callable[..., Any]
   n_trainable: int
@@ -237,9 +238,9 @@ def build(config: ml_collections.ConfigDict, setup: Setup, mesh: jax.sharding.Me
       decay_mask=decay_mask)
   # The chain gives the state (and its shardings); the step applies the same maths fused.
   trainable_shardings = jax.tree.map(lambda x: x.sharding, trainable)
-  update = optimizer_lib.make_update(
+  update = update_lib.make_update(
       schedule=schedule, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-      decay_mask=decay_mask, chunks=optimizer_lib.chunk_plan(trainable), b1=o.b1, b2=o.b2,
+      decay_mask=decay_mask, chunks=update_lib.chunk_plan(trainable), b1=o.b1, b2=o.b2,
       eps=o.eps, stochastic_rounding=o.stochastic_rounding)
   opt_shardings = optimizer_lib.state_shardings(tx, trainable, trainable_shardings)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)

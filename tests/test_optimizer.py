@@ -20,6 +20,7 @@ import pytest
 from gemma_sft_jax import optimizer as opt
 from gemma_sft_jax import quantization as quant
 from gemma_sft_jax import rounding
+from gemma_sft_jax import update as update_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -498,7 +499,7 @@ def _fused_problem(state_dtype, param_dtype=jnp.float32):
   tx, schedule = opt.make_optimizer(lr=3e-3, min_lr=3e-4, warmup_steps=2, decay_steps=10,
                                     weight_decay=0.1, clip_norm=1.0, state_dtype=state_dtype,
                                     decay_mask=mask, **hp)
-  make = lambda chunks, sr=True: opt.make_update(  # noqa: E731
+  make = lambda chunks, sr=True: update_lib.make_update(  # noqa: E731
       schedule=schedule, weight_decay=0.1, clip_norm=1.0, decay_mask=mask, chunks=chunks,
       stochastic_rounding=sr, **hp)
   return params, grads, tx, make
@@ -520,7 +521,7 @@ def test_fused_update_equals_the_chain(state_dtype):
   float rounding; with 8-bit moments a requantised code may differ by one step of the map where
   an fp32 value falls on a midpoint, so we compare the weights after 6 steps loosely."""
   params, grads, tx, make = _fused_problem(state_dtype)
-  ours, state, norms = _run_fused(make(opt.chunk_plan(params)), params, grads, tx.init(params), 6)
+  ours, state, norms = _run_fused(make(update_lib.chunk_plan(params)), params, grads, tx.init(params), 6)
   ref, ref_state = params, tx.init(params)
   for i in range(6):
     g = jax.tree.map(lambda x: x / 64.0, grads(i))
@@ -562,11 +563,11 @@ def test_fused_update_blocks_do_not_change_the_result(param_dtype):
 
 def test_chunk_plan():
   big = jax.ShapeDtypeStruct((42, 3584, 1024), jnp.bfloat16)  # 154M elements
-  plan = opt.chunk_plan({'stacked': big, 'small': jax.ShapeDtypeStruct((8, 64), jnp.float32),
-                         'flat': jax.ShapeDtypeStruct((opt.CHUNK_ELEMENTS + 1,), jnp.float32),
+  plan = update_lib.chunk_plan({'stacked': big, 'small': jax.ShapeDtypeStruct((8, 64), jnp.float32),
+                         'flat': jax.ShapeDtypeStruct((update_lib.CHUNK_ELEMENTS + 1,), jnp.float32),
                          'embed': jax.ShapeDtypeStruct((256000, 2304), jnp.bfloat16)})
   assert plan == {'stacked': 3, 'small': 1, 'flat': 1, 'embed': 10}
-  assert 42 * 3584 * 1024 // 3 <= opt.CHUNK_ELEMENTS and 256000 * 2304 // 10 <= opt.CHUNK_ELEMENTS
+  assert 42 * 3584 * 1024 // 3 <= update_lib.CHUNK_ELEMENTS and 256000 * 2304 // 10 <= update_lib.CHUNK_ELEMENTS
 
 
 def test_fused_update_temporaries_stay_blockwise():
@@ -580,7 +581,7 @@ def test_fused_update_temporaries_stay_blockwise():
   state = tx.init(params)
 
   def temp_bytes(n):
-    update = opt.make_update(schedule=schedule, weight_decay=0.1, clip_norm=1.0,
+    update = update_lib.make_update(schedule=schedule, weight_decay=0.1, clip_norm=1.0,
                              decay_mask=opt.default_decay_mask(params),
                              chunks={'layers': {'w': n}})
     fn = jax.jit(lambda p, g, s: update(p, g, s, divisor=1.0, seed=jnp.uint32(0)),
@@ -601,6 +602,7 @@ _SHARDING_SCRIPT = textwrap.dedent('''
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from gemma_sft_jax import optimizer as opt
     from gemma_sft_jax import quantization as quant
+    from gemma_sft_jax import update as update_lib
 
     assert jax.device_count() == 8, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ('fsdp', 'tensor'))
@@ -682,8 +684,8 @@ _SHARDING_SCRIPT = textwrap.dedent('''
                 decay_mask=opt.default_decay_mask(params))
       plan = jax.tree.map(lambda x: 2 if x.ndim > 1 and x.sharding.spec[0] is None else 1, params)
       assert plan['layer_0']['mlp']['down_proj']['kernel'] == 2
-      fused8 = opt.make_update(chunks=plan, **kw)
-      fused1 = opt.make_update(chunks=jax.tree.map(lambda _: 1, params), **kw)
+      fused8 = update_lib.make_update(chunks=plan, **kw)
+      fused1 = update_lib.make_update(chunks=jax.tree.map(lambda _: 1, params), **kw)
       call = lambda f: lambda p, s, g: f(p, g, s, divisor=3.0, seed=jax.numpy.uint32(5))
       sharded = jax.jit(call(fused8), in_shardings=(shardings, state_sh, shardings),
                         out_shardings=(shardings, state_sh, None))
