@@ -8,12 +8,14 @@ Prints (and with --output appends) one JSON line: median step seconds over --ste
 (after 2 warm-up steps, the first of which compiles), tokens/s, MFU against the device's bf16
 peak, peak device memory, and the compiled step's memory (arguments, temporaries, outputs).
 With --breakdown it then also times the step's halves on their own (forward + backward; the
-optimizer update), after the peak memory has been read. `benchmarks/hf_baseline.py` writes the
+optimizer update), after the peak memory has been read; --profile traces three steps.
+`benchmarks/hf_baseline.py` writes the
 same fields for transformers.
 """
 
 import datetime
 import json
+import os
 import statistics
 import time
 
@@ -36,6 +38,9 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Append the JSON result to this fi
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False,
                                'Also time forward+backward and the optimizer update alone.')
 _TAG = flags.DEFINE_string('tag', '', 'Free-form label stored in the JSON line.')
+_PROFILE = flags.DEFINE_string(
+    'profile', None, 'Also trace 3 steps with jax.profiler into this directory (with a Perfetto '
+    'trace, which benchmarks/trace_top.py summarises by kernel).')
 flags.mark_flag_as_required('config')
 
 _GIB = 2 ** 30
@@ -140,6 +145,12 @@ def _bench(config):
   }
   if _TAG.value:
     result['tag'] = _TAG.value
+  if _PROFILE.value:
+    os.makedirs(_PROFILE.value, exist_ok=True)
+    with jax.profiler.trace(_PROFILE.value, create_perfetto_trace=True):
+      for _ in range(3):
+        state, m = compiled(state, parts.frozen, batch)
+      jax.block_until_ready(m)
   if _BREAKDOWN.value:
     result.update(_breakdown(parts, state, batch, _STEPS.value))
   line = json.dumps(result)

@@ -50,10 +50,15 @@ def load_moment(stored: Any, *, block_size: int = BLOCK_SIZE) -> jax.Array:
   return stored.astype(jnp.float32)
 
 
-def store_moment(x: jax.Array, like: Any, *, block_size: int = BLOCK_SIZE) -> Any:
-  """fp32 x stored the way `like` is (requantised with like's map, or cast to its dtype)."""
+def store_moment(x: jax.Array, like: Any, *, block_size: int = BLOCK_SIZE,
+                 absmax: jax.Array | None = None) -> Any:
+  """fp32 x stored the way `like` is (requantised with like's map, or cast to its dtype).
+
+  `absmax`, if given, is x's block absmax (`quantization.block_absmax`), computed beforehand.
+  """
   if isinstance(like, QuantizedArray):
-    return quant.quantize_blockwise(x, signed=like.codes.dtype == jnp.int8, block_size=block_size)
+    return quant.quantize_blockwise(x, signed=like.codes.dtype == jnp.int8, block_size=block_size,
+                                    absmax=absmax)
   return x.astype(like.dtype)
 
 
@@ -63,18 +68,42 @@ def bias_corrections(b1: float, b2: float, count: jax.Array) -> tuple[jax.Array,
 
 
 def adam_leaf(g: jax.Array, mu: Any, nu: Any, *, b1: float, b2: float, eps: float,
-              bc: tuple[jax.Array, jax.Array], block_size: int = BLOCK_SIZE
+              bc: tuple[jax.Array, jax.Array], block_size: int = BLOCK_SIZE,
+              absmax: tuple[jax.Array | None, jax.Array | None] | None = None
               ) -> tuple[jax.Array, Any, Any]:
   """One leaf (or block of a leaf) of Adam: fp32 gradient g -> (update direction, new mu, new nu).
 
   The one copy of Adam's maths, shared by `scale_by_adam_8bit` and `update.make_update`: moments are
   loaded to fp32, updated, used for the direction (the fresh fp32 values, as bitsandbytes does)
   and stored back in their own format. `bc` are the bias corrections (1 - b1^t, 1 - b2^t).
+
+  `absmax`, if given, holds the block absmax of the new moments (from `moment_absmax`, None for a
+  moment that is not 8-bit), so that storing them is elementwise.
   """
+  m, v = _new_moments(g, mu, nu, b1=b1, b2=b2, block_size=block_size)
+  u = (m / bc[0]) / (jnp.sqrt(v / bc[1]) + eps)
+  am, av = absmax if absmax is not None else (None, None)
+  return u, store_moment(m, mu, block_size=block_size, absmax=am), store_moment(
+      v, nu, block_size=block_size, absmax=av)
+
+
+def moment_absmax(g: jax.Array, mu: Any, nu: Any, *, b1: float, b2: float,
+                  block_size: int = BLOCK_SIZE) -> tuple[jax.Array | None, jax.Array | None]:
+  """The block absmax of the moments `adam_leaf` will store (None where a moment is not 8-bit).
+
+  Computing it in a pass of its own, before `adam_leaf`, lets the moments be recomputed rather
+  than written out in fp32 between the reduction and the requantisation (`update.make_update`).
+  """
+  m, v = _new_moments(g, mu, nu, b1=b1, b2=b2, block_size=block_size)
+  pick = lambda x, like: (quant.block_absmax(x, block_size=block_size)  # noqa: E731
+                          if isinstance(like, QuantizedArray) else None)
+  return pick(m, mu), pick(v, nu)
+
+
+def _new_moments(g, mu, nu, *, b1, b2, block_size):
   m = b1 * load_moment(mu, block_size=block_size) + (1.0 - b1) * g
   v = b2 * load_moment(nu, block_size=block_size) + (1.0 - b2) * jnp.square(g)
-  u = (m / bc[0]) / (jnp.sqrt(v / bc[1]) + eps)
-  return u, store_moment(m, mu, block_size=block_size), store_moment(v, nu, block_size=block_size)
+  return m, v
 
 
 # ---- Adam with 8-bit / bf16 / fp32 moments. -----------------------------------------------------
@@ -320,7 +349,7 @@ def state_bytes(abstract_params: Any, state_dtype: str = 'int8', *,
   Returns:
     The total nbytes of all state leaves (moments, scales, step counts).
   """
-  tx, _ = make_optimizer(lr=1.0, min_lr=0.0, warmup_steps=0, decay_steps=1, weight_decay=0.0,
+  tx, _ = make_optimizer(lr=1.0, min_lr=0.0, warmup_steps=1, decay_steps=2, weight_decay=0.0,
                          clip_norm=1.0, state_dtype=state_dtype, block_size=block_size,
                          min_quantized_size=min_quantized_size)
   abstract = jax.eval_shape(tx.init, abstract_params)

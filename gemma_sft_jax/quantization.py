@@ -69,11 +69,12 @@ def num_blocks(n: int, block_size: int) -> int:
 def nearest_code_index(normed: jax.Array, *, signed: bool) -> jax.Array:
   """Index (into `dynamic_map(signed)`) of the code nearest to each value in [-1, 1] / [0, 1].
 
-  Equal to `searchsorted(midpoints, normed, side='left')` (the tested reference), but computed
-  arithmetically: the map's decade and linear position give a candidate code, which is
-  then off by at most one and is corrected by comparing with its two neighbouring midpoints. A
-  binary search is 8 dependent gathers per element; on an H100 this path makes the 8-bit update
-  several times faster than `jnp.searchsorted(..., method='scan_unrolled')` (docs/optimizer.md).
+  `searchsorted(midpoints, normed, side='left')` (the tested reference) computed arithmetically,
+  with no table lookups, so that XLA keeps it inside the update's elementwise fusion: six
+  comparisons with the decade edges select the decade's constants, the code's linear position
+  in its decade gives the candidate, and two comparisons with exact midpoints settle the decade's
+  lower boundary and the top code (1.0). Inside a decade the candidate is the nearest code except
+  where a value lies within float rounding of a midpoint, where either neighbour may be chosen.
 
   Args:
     normed: values divided by their block absmax.
@@ -83,49 +84,69 @@ def nearest_code_index(normed: jax.Array, *, signed: bool) -> jax.Array:
     int32 indices in [0, 255].
   """
   table = dynamic_map(signed=signed)
-  midpoints = jnp.asarray((table[:-1] + table[1:]) / 2)
+  midpoints = (table[:-1] + table[1:]) / 2
   a = jnp.abs(normed) if signed else normed
-  # Decade i in 0..6 holds codes 10^(i-6) · [0.1, 1): count the decade edges at or below a.
-  decade = sum((a >= 10.0 ** (k - 7)).astype(jnp.int32) for k in range(1, 7))
-  parts = jnp.left_shift(1, decade + (0 if signed else 1))  # codes in this decade
-  before = parts - (1 if signed else 2)  # codes in lower decades (2^i - 1 or 2^(i+1) - 2)
-  scale = jnp.asarray(10.0 ** np.arange(-6, 1), jnp.float32)[decade]
-  frac = jnp.floor((a / scale - 0.1) * parts.astype(jnp.float32) / 0.9).astype(jnp.int32)
   first_positive = 128 if signed else 1
-  cand = first_positive + before + jnp.clip(frac, 0, parts - 1)
-  lower, upper = midpoints[cand - 1], midpoints[jnp.minimum(cand, 254)]
-  if not signed:
-    index = cand - 1 + (a > lower) + (a > upper)
-  else:
+  lead = 0 if signed else 1  # the unsigned map has twice the codes per decade
+
+  def decade_constants(i):  # decade i holds codes 10^(i-6) · [0.1, 1)
+    parts = 2 ** (i + lead)
+    first = first_positive + parts - (1 if signed else 2)  # index of its smallest code
+    return (np.float32(10.0 ** (6 - i)), np.float32(parts / 0.9), parts, first,
+            np.float32(midpoints[first - 1]))
+
+  inv_scale, per_unit, parts, first, low_mid = (jnp.asarray(c) for c in decade_constants(0))
+  for i in range(1, 7):
+    up = a >= np.float32(10.0 ** (i - 7))
+    inv_scale, per_unit, parts, first, low_mid = (
+        jnp.where(up, c, x) for c, x in zip(decade_constants(i),
+                                             (inv_scale, per_unit, parts, first, low_mid)))
+  frac = jnp.floor((a * inv_scale - np.float32(0.1)) * per_unit).astype(jnp.int32)
+  top = np.float32(midpoints[254])
+  # An exact tie goes to the lower index, as searchsorted(side='left') does: for negatives,
+  # mirrored below, that is the larger magnitude.
+  neg = normed < 0 if signed else False
+  below = jnp.where(neg, a < low_mid, a <= low_mid)
+  over = jnp.where(neg, a >= top, a > top)
+  index = (first + jnp.clip(frac, 0, parts - 1) - below.astype(jnp.int32)
+           + over.astype(jnp.int32))
+  if signed:
     # Negative codes mirror the positive ones around 0 (index 127), except that there is no
-    # -1.0: the most negative code is the mirror of 0.99297, so clip before mirroring. A tie
-    # goes to the lower code, as searchsorted(side='left') does: for negatives that is the
-    # larger magnitude, hence >=.
-    neg = normed < 0
-    above = lambda m: jnp.where(neg, a >= m, a > m)  # noqa: E731
-    index = cand - 1 + above(lower) + above(upper)
-    index = jnp.where(neg, 254 - jnp.minimum(index, 254), index)
+    # -1.0: the most negative code is the mirror of 0.99297.
+    index = jnp.where(normed < 0, 254 - jnp.minimum(index, 254), index)
   return index.astype(jnp.int32)
 
 
-def quantize_blockwise(x: jax.Array, *, signed: bool,
-                       block_size: int = BLOCK_SIZE) -> QuantizedArray:
+def block_absmax(x: jax.Array, *, block_size: int = BLOCK_SIZE) -> jax.Array:
+  """max |x| per block of `block_size` along the last axis: [..., n] -> [..., ceil(n / block)]."""
+  return jnp.max(jnp.abs(_blocks(x.astype(jnp.float32), block_size)), axis=-1)
+
+
+def _blocks(x: jax.Array, block_size: int) -> jax.Array:
+  *lead, n = x.shape
+  nb = num_blocks(n, block_size)
+  xb = jnp.pad(x, [(0, 0)] * len(lead) + [(0, nb * block_size - n)])
+  return xb.reshape(*lead, nb, block_size)
+
+
+def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
+                       absmax: jax.Array | None = None) -> QuantizedArray:
   """Quantises x along its last axis in blocks, to the nearest code of the dynamic map.
 
   Args:
     x: an array of rank >= 1; the last axis is padded (with zeros) to a multiple of block_size.
     signed: the signed map and int8 codes, or the unsigned map and uint8 codes (x >= 0).
     block_size: elements per absmax block.
+    absmax: x's `block_absmax`, if already computed (then quantising is elementwise).
 
   Returns:
     QuantizedArray with codes shaped like x and scales [..., ceil(n / block_size)].
   """
   *lead, n = x.shape
   nb = num_blocks(n, block_size)
-  x = x.astype(jnp.float32)
-  xb = jnp.pad(x, [(0, 0)] * len(lead) + [(0, nb * block_size - n)])
-  xb = xb.reshape(*lead, nb, block_size)
-  absmax = jnp.max(jnp.abs(xb), axis=-1)
+  xb = _blocks(x.astype(jnp.float32), block_size)
+  if absmax is None:
+    absmax = jnp.max(jnp.abs(xb), axis=-1)
   normed = xb / jnp.where(absmax > 0, absmax, 1.0)[..., None]
   index = nearest_code_index(normed, signed=signed)
   index = index.reshape(*lead, nb * block_size)[..., :n]

@@ -21,30 +21,42 @@ from gemma_sft_jax import optimizer
 from gemma_sft_jax import rounding
 from gemma_sft_jax.quantization import BLOCK_SIZE, QuantizedArray
 
-# Largest block (elements) the fused update processes at once: 256 MiB per fp32 temporary.
+# Largest block (elements) of a leaf updated in blocks: 256 MiB per fp32 temporary.
 CHUNK_ELEMENTS = 1 << 26
+# A leaf whose new values (4 bytes per element of its shard) fit in this fraction of a device's
+# memory is updated whole: one elementwise fusion, ~1.4x faster than the blocked loop, whose
+# in-place writes XLA splits into a fusion per output (benchmarks/update_speed.py).
+WHOLE_LEAF_MEMORY_FRACTION = 0.02
 
 
-def chunk_plan(params: Any) -> Any:
+def chunk_plan(params: Any, *, whole_leaf_bytes: int | None = None) -> Any:
   """How many blocks each leaf's update runs in, along its first axis (1 = the whole leaf).
 
-  Used for leaves with 8-bit moments. A leaf of more than `CHUNK_ELEMENTS` elements (and rank
-  >= 2) is split into the fewest equal
-  blocks along axis 0 that are each at most that size (for stacked layers: a few layers at a
-  time; for the embedding: groups of vocabulary rows). A leaf whose axis 0 is sharded is not split
-  (a dynamic slice of a sharded axis would gather it). The random bits of stochastic rounding
-  depend on element indices only, so the plan does not change the result.
+  Used for leaves with 8-bit moments. A leaf (rank >= 2) whose shard needs more than
+  `whole_leaf_bytes` at 4 bytes per element is split into the fewest equal blocks along axis 0
+  that are each at most `CHUNK_ELEMENTS` (for stacked layers: a few layers at a time; for the
+  embedding: groups of vocabulary rows). A leaf whose axis 0 is sharded is not split (a dynamic
+  slice of a sharded axis would gather it). The random bits of stochastic rounding depend on
+  element indices only, so the plan does not change the result.
 
   Args:
     params: the trainable tree, as arrays (their shardings are read) or ShapeDtypeStructs.
+    whole_leaf_bytes: default `WHOLE_LEAF_MEMORY_FRACTION` of this process's first device's memory
+      (4 * CHUNK_ELEMENTS where the device does not report it, as on CPUs).
 
   Returns:
     A tree like params of ints.
   """
+  if whole_leaf_bytes is None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    limit = stats.get('bytes_limit')
+    whole_leaf_bytes = int(limit * WHOLE_LEAF_MEMORY_FRACTION) if limit else 4 * CHUNK_ELEMENTS
+
   def blocks(x):
     size, lead = math.prod(x.shape), x.shape[0] if x.ndim else 1
     sharding = getattr(x, 'sharding', None)
-    if x.ndim < 2 or size <= CHUNK_ELEMENTS:
+    shard = math.prod(sharding.shard_shape(x.shape)) if sharding is not None else size
+    if x.ndim < 2 or 4 * shard <= whole_leaf_bytes:
       return 1
     if isinstance(sharding, NamedSharding) and len(sharding.spec) and sharding.spec[0] is not None:
       return 1
@@ -56,7 +68,7 @@ def chunk_plan(params: Any) -> Any:
 def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: float | None,
                 decay_mask: Any, chunks: Any, b1: float = 0.9, b2: float = 0.999,
                 eps: float = 1e-8, block_size: int = BLOCK_SIZE,
-                stochastic_rounding: bool = True) -> Any:
+                stochastic_rounding: bool = True, two_pass: bool = True) -> Any:
   """The training update with the semantics of `make_optimizer`'s chain, fused per block.
 
   For each leaf (or block of `chunks` along axis 0, in place, one after another): the gradient
@@ -76,6 +88,9 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     eps: Adam epsilon.
     block_size: the 8-bit absmax block (as the state was made with).
     stochastic_rounding: round bf16 params stochastically (else to nearest).
+    two_pass: for 8-bit moments, compute their block absmax in a reduction pass of its own and
+      recompute the moments in the elementwise pass that requantises them and writes the params
+      (False: one pass, which materialises the fp32 moments; kept for `benchmarks/update_speed.py`).
 
   Returns:
     update(params, grad_sums, opt_state, *, divisor, seed) -> (params, opt_state, grad_norm):
@@ -111,11 +126,21 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     norm = jnp.sqrt(sum(sum_squares(g, n) for g, n in zip(grads, plan)))
 
     def block(p, g, mu, nu, decay, seed_leaf, offset):
-      g = g.astype(jnp.float32) / divisor
-      if clip_norm:  # As optax.clip_by_global_norm.
-        g = jnp.where(norm < clip_norm, g, (g / norm.astype(g.dtype)) * clip_norm)
-      u, mu, nu = optimizer.adam_leaf(g, mu, nu, b1=b1, b2=b2, eps=eps, bc=bc,
-                                      block_size=block_size)
+      def prepare(g):
+        g = g.astype(jnp.float32) / divisor
+        if clip_norm:  # As optax.clip_by_global_norm.
+          g = jnp.where(norm < clip_norm, g, (g / norm.astype(g.dtype)) * clip_norm)
+        return g
+      absmax = None
+      if two_pass and (isinstance(mu, QuantizedArray) or isinstance(nu, QuantizedArray)):
+        # Pass 1 reduces the new moments to their block absmax; pass 2 (after the barrier, so
+        # XLA cannot merge the two) recomputes them and requantises elementwise. One pass would
+        # write both moments out in fp32 between the reduction and its consumers.
+        absmax = optimizer.moment_absmax(prepare(g), mu, nu, b1=b1, b2=b2,
+                                         block_size=block_size)
+        g, mu, nu, absmax = _barrier((g, mu, nu, absmax))
+      u, mu, nu = optimizer.adam_leaf(prepare(g), mu, nu, b1=b1, b2=b2, eps=eps, bc=bc,
+                                      block_size=block_size, absmax=absmax)
       p32 = p.astype(jnp.float32)
       if decay and weight_decay:
         u = u + weight_decay * p32

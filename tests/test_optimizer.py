@@ -55,6 +55,9 @@ def test_dynamic_maps_structure_and_spacing():
 
 @pytest.mark.parametrize('signed', [True, False])
 def test_nearest_code_index_equals_searchsorted_on_midpoints(signed):
+  """The arithmetic nearest code is searchsorted on the map's midpoints, exactly, except at
+  values within a few float32 ulps of a midpoint inside a decade (a tie up to rounding), where
+  it may pick the other neighbour; decade boundaries and the top code are exact."""
   t = quant.dynamic_map(signed=signed)
   mids = (t[:-1] + t[1:]) / 2
   lo = -1.0 if signed else 0.0
@@ -68,7 +71,21 @@ def test_nearest_code_index_equals_searchsorted_on_midpoints(signed):
   if signed:
     x = np.concatenate([x, -x])
   got = np.asarray(jax.jit(lambda v: quant.nearest_code_index(v, signed=signed))(x))
-  np.testing.assert_array_equal(got, np.searchsorted(mids, x, side='left'))
+  want = np.searchsorted(mids, x, side='left')
+  nearest_mid = mids[np.clip(np.searchsorted(mids, np.abs(x) if signed else x), 1, 254)[:, None]
+                     + np.array([-1, 0])]
+  gap = np.min(np.abs(nearest_mid - (np.abs(x) if signed else x)[:, None]), axis=1)
+  tie = gap <= 4 * np.spacing(np.abs(x).astype(np.float32))
+  np.testing.assert_array_equal(got[~tie], want[~tie])
+  assert np.all(np.abs(got[tie] - want[tie]) <= 1)
+  assert tie.sum() < 0.01 * x.size and np.sum(got != want) < tie.sum()
+  # Decade boundaries and the ends: exact even at ties.
+  magnitude = np.floor(np.log10(np.maximum(np.abs(t), 1e-30)))
+  firsts = [i for i in range(1, 255) if magnitude[i] != magnitude[i - 1]]
+  edge = np.concatenate([mids[[f - 1 for f in firsts] + [254]], [0.0, 1.0]]).astype(np.float32)
+  edge = np.concatenate([edge, np.nextafter(edge, 2), np.nextafter(edge, -2)]).clip(lo, 1.0)
+  got = np.asarray(quant.nearest_code_index(jnp.asarray(edge), signed=signed))
+  np.testing.assert_array_equal(got, np.searchsorted(mids, edge, side='left'))
 
 
 def _data(kind: str, shape, rng):
@@ -499,9 +516,9 @@ def _fused_problem(state_dtype, param_dtype=jnp.float32):
   tx, schedule = opt.make_optimizer(lr=3e-3, min_lr=3e-4, warmup_steps=2, decay_steps=10,
                                     weight_decay=0.1, clip_norm=1.0, state_dtype=state_dtype,
                                     decay_mask=mask, **hp)
-  make = lambda chunks, sr=True: update_lib.make_update(  # noqa: E731
+  make = lambda chunks, sr=True, two_pass=True: update_lib.make_update(  # noqa: E731
       schedule=schedule, weight_decay=0.1, clip_norm=1.0, decay_mask=mask, chunks=chunks,
-      stochastic_rounding=sr, **hp)
+      stochastic_rounding=sr, two_pass=two_pass, **hp)
   return params, grads, tx, make
 
 
@@ -561,13 +578,40 @@ def test_fused_update_blocks_do_not_change_the_result(param_dtype):
     assert np.any(np.asarray(a['embed']) != np.asarray(nearest['embed']))
 
 
+@pytest.mark.parametrize('split', [False, True])
+def test_two_pass_update_equals_one_pass(split):
+  """Computing the new moments' block absmax in a pass of its own and recomputing the moments
+  in the elementwise pass gives the one-pass update's weights, codes and scales (bf16 params,
+  stochastic rounding on), whole or in blocks."""
+  params, grads, tx, make = _fused_problem('int8', jnp.bfloat16)
+  chunks = ({'layers': {'w': 3, 'norm': 6}, 'embed': 4, 'bias': 1} if split
+            else jax.tree.map(lambda _: 1, params))
+  a, sa, na = _run_fused(make(chunks), params, grads, tx.init(params), 3)
+  b, sb, nb = _run_fused(make(chunks, two_pass=False), params, grads, tx.init(params), 3)
+  assert na == nb
+  for x, y in zip(jax.tree.leaves((a, sa)), jax.tree.leaves((b, sb))):
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype == np.float32:
+      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-12)
+    else:  # int8/uint8 codes, bf16 weights: a recomputed moment may round differently
+      assert np.mean(x != y) < 1e-3, np.mean(x != y)
+
+
 def test_chunk_plan():
   big = jax.ShapeDtypeStruct((42, 3584, 1024), jnp.bfloat16)  # 154M elements
-  plan = update_lib.chunk_plan({'stacked': big, 'small': jax.ShapeDtypeStruct((8, 64), jnp.float32),
-                         'flat': jax.ShapeDtypeStruct((update_lib.CHUNK_ELEMENTS + 1,), jnp.float32),
-                         'embed': jax.ShapeDtypeStruct((256000, 2304), jnp.bfloat16)})
+  tree = {'stacked': big, 'small': jax.ShapeDtypeStruct((8, 64), jnp.float32),
+          'flat': jax.ShapeDtypeStruct((update_lib.CHUNK_ELEMENTS + 1,), jnp.float32),
+          'embed': jax.ShapeDtypeStruct((256000, 2304), jnp.bfloat16)}
+  plan = update_lib.chunk_plan(tree, whole_leaf_bytes=4 * update_lib.CHUNK_ELEMENTS)
   assert plan == {'stacked': 3, 'small': 1, 'flat': 1, 'embed': 10}
-  assert 42 * 3584 * 1024 // 3 <= update_lib.CHUNK_ELEMENTS and 256000 * 2304 // 10 <= update_lib.CHUNK_ELEMENTS
+  assert 42 * 3584 * 1024 // 3 <= update_lib.CHUNK_ELEMENTS
+  assert 256000 * 2304 // 10 <= update_lib.CHUNK_ELEMENTS
+  # Leaves that fit the whole-leaf budget (here 1 GiB: 268M elements) are updated whole.
+  plan = update_lib.chunk_plan(tree, whole_leaf_bytes=1 << 30)
+  assert plan == {'stacked': 1, 'small': 1, 'flat': 1, 'embed': 10}
+  # Without a budget, the device's memory sets it (CPUs report none: 4 * CHUNK_ELEMENTS bytes).
+  assert update_lib.chunk_plan(tree) == update_lib.chunk_plan(
+      tree, whole_leaf_bytes=4 * update_lib.CHUNK_ELEMENTS)
 
 
 def test_fused_update_temporaries_stay_blockwise():
@@ -592,7 +636,7 @@ def test_fused_update_temporaries_stay_blockwise():
   whole, blocked = temp_bytes(1), temp_bytes(8)
   print('temporaries: whole leaf', whole, 'per layer', blocked)
   assert whole >= 2 * 4 * 8 * 256 * 2048  # at least two fp32 copies of the leaf
-  assert blocked < whole / 4, (blocked, whole)  # measured: 10.6 MB vs 84.0 MB
+  assert blocked < whole / 4, (blocked, whole)  # measured: 16.1 MB vs 128.0 MB
 
 
 # ---- 7. State shardings on an 8-device CPU mesh. ------------------------------------------------
