@@ -121,7 +121,7 @@ def group_key(run: dict[str, Any]) -> tuple[Any, ...] | None:
 def _group_name(names: Sequence[str]) -> str:
   if len(names) == 1:
     return names[0]
-  prefix = re.sub(r'[_-]*(s|seed)?$', '', os.path.commonprefix(list(names)))
+  prefix = re.sub(r'([_-](s|seed))?[_-]*$', '', os.path.commonprefix(list(names)))
   return f"{prefix or names[0]} ({len(names)} runs)"
 
 
