@@ -38,6 +38,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from gemma_sft_jax import pytree
+
 _STATE = 'state'
 _EXTRA = 'extra'
 
@@ -47,15 +49,9 @@ def _abspath(path: str) -> str:
   return path if '://' in path else os.path.abspath(path)
 
 
-def _key_name(key: Any) -> str:
-  # Orbax metadata turns NamedTuple fields into dict keys, so compare paths by name only.
-  return str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
-
-
 def _flat_by_path(tree: Any) -> dict[str, Any]:
-  leaves = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))[0]
-  return {'/'.join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+  # Paths by name only: Orbax metadata turns NamedTuple fields into dict keys.
+  return pytree.flatten(tree, is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))
 
 
 def abstract_tree(tree: Any) -> Any:

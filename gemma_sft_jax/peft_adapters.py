@@ -28,6 +28,7 @@ from gemma_sft_jax import architecture
 from gemma_sft_jax import checkpoints
 from gemma_sft_jax import lora
 from gemma_sft_jax import model as model_lib
+from gemma_sft_jax import pytree
 from gemma_sft_jax import sharding
 from gemma_sft_jax import train as train_lib
 
@@ -101,7 +102,7 @@ def in_every_layer(kernel_paths: list[str], num_layers: int) -> bool:
 
 
 def _flat(tree: Any) -> dict[str, Any]:
-  return dict(zip(jax.tree.leaves(sharding.tree_paths(tree)), jax.tree.leaves(tree)))
+  return pytree.flatten(tree)
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -250,7 +251,7 @@ def load(config: ml_collections.ConfigDict, adapter_dir: str, *,
       value = arrays[path]
     return jax.device_put(value.astype(spec_.dtype), sharding_)
 
-  adapters = jax.tree.map(place, sharding.tree_paths(shapes), shapes, shardings)
+  adapters = jax.tree.map(place, pytree.paths(shapes), shapes, shardings)
   logging.info('PEFT adapter %s: rank %d, alpha %g, %d projections', adapter_dir, spec.rank,
                spec.alpha, len(kernel_paths))
   return setup, lora.join(params, adapters)

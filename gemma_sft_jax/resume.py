@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gemma_sft_jax import checkpointing
+from gemma_sft_jax import pytree
 from gemma_sft_jax import sharding
 
 
@@ -52,20 +53,11 @@ def is_safe_to_change(key: str) -> bool:
   return any(key == s or (s.endswith('.') and key.startswith(s)) for s in SAFE_TO_CHANGE)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def snapshot(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as flat {'a.b': value} JSON values, as a checkpoint stores it."""
   # The JSON round trip turns tuples into lists, as reading the stored copy back does.
-  return json.loads(json.dumps(_flatten(config.to_dict())))
+  return json.loads(json.dumps(
+      pytree.flatten(config.to_dict(), sep='.', is_leaf=lambda x: not isinstance(x, dict))))
 
 
 def differences(saved: Mapping[str, Any], config: ml_collections.ConfigDict

@@ -21,6 +21,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gemma_sft_jax import pytree
+
 AXES = ('data', 'fsdp', 'tensor')
 BATCH = ('data', 'fsdp')
 
@@ -85,17 +87,10 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh,
   raise ValueError(f'sharding: no rule matches parameter {path!r}')
 
 
-def tree_paths(tree: Any) -> Any:
-  """A tree of the same structure whose leaves are their 'a/b/c' paths."""
-  def name(k):
-    return str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
-  return jax.tree_util.tree_map_with_path(lambda p, _: '/'.join(name(k) for k in p), tree)
-
-
 def param_shardings(shapes: Any, mesh: Mesh,
                     rules: Sequence[tuple[str, tuple[Any, ...]]] = RULES) -> Any:
   """NamedShardings for a tree of arrays/ShapeDtypeStructs, by the regex rules."""
-  paths = tree_paths(shapes)
+  paths = pytree.paths(shapes)
   return jax.tree.map(lambda p, s: NamedSharding(mesh, spec_for(p, s.shape, mesh, rules)),
                       paths, shapes)
 

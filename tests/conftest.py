@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gemma_sft_jax import gsm8k
-from gemma_sft_jax import sharding
+from gemma_sft_jax import pytree
 
 # Parity needs full-precision matmuls on CPU too.
 jax.config.update('jax_default_matmul_precision', 'highest')
@@ -90,8 +90,7 @@ def env(tmp_path_factory) -> dict[str, str]:
 
 def flat(tree) -> dict[str, np.ndarray]:
   """{'a/b/c' path: numpy array} for every leaf."""
-  paths = jax.tree.leaves(sharding.tree_paths(tree))
-  return {p: np.asarray(x) for p, x in zip(paths, jax.tree.leaves(tree))}
+  return {p: np.asarray(x) for p, x in pytree.flatten(tree).items()}
 
 
 def _bits(x: np.ndarray) -> np.ndarray:

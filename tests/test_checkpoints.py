@@ -14,6 +14,7 @@ import torch
 from gemma_sft_jax import architecture
 from gemma_sft_jax import checkpoints
 from gemma_sft_jax import model as model_lib
+from gemma_sft_jax import pytree
 from gemma_sft_jax import tokenizer as tokenizer_lib
 from tests.conftest import write_hf_checkpoint
 
@@ -125,7 +126,7 @@ def test_bad_config_json(tmp_path):
 
 def test_key_table_round_trips():
   shapes = model_lib.param_shapes(model_lib.Transformer(CONFIG))
-  for path in checkpoints._flatten(shapes):  # pylint: disable=protected-access
+  for path in pytree.flatten(shapes):
     assert checkpoints.hf_to_path(checkpoints.path_to_hf(path))[0] == path
   assert checkpoints.hf_to_path('model.language_model.layers.3.mlp.up_proj.weight')[0] == \
       'layer_3/mlp/up_proj/kernel'

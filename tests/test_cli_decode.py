@@ -19,6 +19,7 @@ import pytest
 from gemma_sft_jax import data as data_lib
 from gemma_sft_jax import lora
 from gemma_sft_jax import model as model_lib
+from gemma_sft_jax import pytree
 from gemma_sft_jax import runner
 from gemma_sft_jax import sampler
 from gemma_sft_jax import sharding
@@ -158,7 +159,7 @@ def test_adapters_decode_like_merged_weights(runs):
   merged = lora.merge_weights(params, setup.model.lora)
   assert setup.model.scan_layers and not config.model.scan_layers  # Layout from final.json.
   plain = setup.model.clone(lora=model_lib.LoraSpec())
-  assert not any(lora.is_adapter_path(p) for p in jax.tree.leaves(sharding.tree_paths(merged)))
+  assert not any(lora.is_adapter_path(p) for p in jax.tree.leaves(pytree.paths(merged)))
 
   tok = setup.tokenizer
   ids = [data_lib.tokenize_prompt(p, tokenizer=tok) for p in PROMPTS]

@@ -34,6 +34,7 @@ from gemma_sft_jax import exporters
 from gemma_sft_jax import gguf_file
 from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import peft_adapters
+from gemma_sft_jax import pytree
 from gemma_sft_jax import runner
 from gemma_sft_jax import sharding
 from gemma_sft_jax import tokenizer as tokenizer_lib
@@ -277,8 +278,7 @@ def test_hf_export_shards_with_an_index(runs):
   files = sorted(set(weight_map.values()))
   assert len(files) > 1 and all(os.path.getsize(os.path.join(path, f)) < 1.2e6 for f in files)
   config = BASES['gemma2']
-  flat = checkpoints._flatten(  # pylint: disable=protected-access
-      model_lib.param_shapes(model_lib.Transformer(config)))
+  flat = pytree.flatten(model_lib.param_shapes(model_lib.Transformer(config)))
   assert sorted(weight_map) == sorted(checkpoints.path_to_hf(p) for p in flat)
 
 
@@ -329,9 +329,8 @@ def test_gguf_export_in_transformers_and_our_loader(runs, run):
   config = checkpoints.load_config(path)
   assert config == BASES[RUNS[run][0]]
   shapes = model_lib.param_shapes(model_lib.Transformer(config))
-  got = checkpoints._flatten(  # pylint: disable=protected-access
-      checkpoints.load_params(path, config=config, shapes=shapes))
-  want = checkpoints._flatten(  # pylint: disable=protected-access
+  got = pytree.flatten(checkpoints.load_params(path, config=config, shapes=shapes))
+  want = pytree.flatten(
       checkpoints.load_params(os.path.join(runs['out'], f'{run}_hf'), config=config,
                               shapes=shapes))
   for k in want:
@@ -485,8 +484,7 @@ def test_adapter_for_another_base_is_one_line_error(runs, tmp_path, capsys):
 def test_key_table_converts_both_ways():
   config = BASES['gemma3']
   rng = np.random.default_rng(0)
-  flat = checkpoints._flatten(  # pylint: disable=protected-access
-      model_lib.param_shapes(model_lib.Transformer(config)))
+  flat = pytree.flatten(model_lib.param_shapes(model_lib.Transformer(config)))
   for path, spec in flat.items():
     name, to_hf = checkpoints.to_hf(path)
     ours, to_ours = checkpoints.hf_to_path(name)

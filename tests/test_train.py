@@ -19,6 +19,7 @@ from gemma_sft_jax import data as data_lib
 from gemma_sft_jax import gsm8k
 from gemma_sft_jax import lora
 from gemma_sft_jax import model as model_lib
+from gemma_sft_jax import pytree
 from gemma_sft_jax import sharding
 from gemma_sft_jax import train as train_lib
 from tests.conftest import ROOT, assert_bitwise_equal, flat, tiny_config
@@ -39,21 +40,8 @@ SHARDABLE_2 = dataclasses.replace(SHARDABLE, num_layers=2,
 
 def _num_shards(tree) -> dict[str, np.ndarray]:
   """Per leaf, how many distinct pieces its devices hold (1 = replicated)."""
-  paths = jax.tree.leaves(sharding.tree_paths(tree))
   return {p: np.asarray(len({str(s.index) for s in x.addressable_shards}))
-          for p, x in zip(paths, jax.tree.leaves(tree))}
-
-
-def _nested(flat: dict[str, np.ndarray]) -> dict:
-  """The inverse of `_flat`: {'a/b': x} -> {'a': {'b': x}}."""
-  out = {}
-  for path, x in flat.items():
-    *parents, leaf = path.split('/')
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = x
-  return out
+          for p, x in pytree.flatten(tree).items()}
 
 
 def _setup(config, *, with_lora: bool, mesh) -> train_lib.Setup:
@@ -201,12 +189,12 @@ def test_lora_zero_init_leaves_logits_unchanged(one_device_runs):
   base_setup = _setup(config, with_lora=False, mesh=mesh)
   run = one_device_runs('lora', **_REFERENCES['lora'])  # Its params as train.build made them.
   adapters, base = _part(run, 'init'), _part(run, 'frozen')
-  params = _nested({**adapters, **base})
+  params = pytree.unflatten({**adapters, **base})
   # Every projection of every layer is targeted by the default regex, and B starts at zero.
   assert len([k for k in adapters if k.endswith('/lora_b')]) == 7 * SHARDABLE.num_layers
   assert all(not v.any() for k, v in adapters.items() if k.endswith('/lora_b'))
   assert base.keys() == flat(model_lib.param_shapes(base_setup.model)).keys()
-  base = _nested(base)
+  base = pytree.unflatten(base)
 
   prompt = gsm8k.load_split(config.data.source, config.data.subset, 'test')[0].question
   tokens = jax.numpy.asarray([data_lib.tokenize_prompt(prompt, tokenizer=lora_setup.tokenizer)])
