@@ -11,7 +11,6 @@ WORKDIR/eval_<model>_<prompts>_<digest>.json and predictions beside it, named by
 that changes them (the digest), so no evaluation overwrites another's.
 """
 
-import json
 import os
 
 from absl import app
@@ -23,6 +22,7 @@ from ml_collections import config_flags
 from gemma_sft_jax import evaluate
 from gemma_sft_jax import runner
 from gemma_sft_jax import sharding
+from gemma_sft_jax import train as train_lib
 from gemma_sft_jax import validation
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=True)
@@ -49,8 +49,7 @@ def _evaluate(config, workdir, use_base):
   path = os.path.join(workdir, f'eval_{runner.eval_name(label, config, result["settings"])}.json')
   if jax.process_index() != 0:
     return
-  with open(path, 'w') as f:
-    json.dump(result, f, indent=2)
+  train_lib.write_json(path, result)
   print(evaluate.format_table({label: result}))
   print(f'results: {path}\npredictions: {result["predictions"]}')
 

@@ -80,7 +80,3 @@ def merge_weights(params: dict[str, Any], spec: model_lib.LoraSpec) -> dict[str,
               'kernel': merged.astype(kernel.dtype)}
     return {k: fold(v) for k, v in node.items()}
   return fold(params)
-
-
-def count(tree: Any) -> int:
-  return sum(x.size for x in jax.tree.leaves(tree))

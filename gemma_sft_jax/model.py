@@ -31,6 +31,7 @@ With `scan_layers=True` the layers are one `nn.scan`: every `layer_{i}/...` leaf
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any
@@ -137,6 +138,14 @@ def attention_mask(q_pos: Array, q_seg: Array, k_pos: Array, k_seg: Array,
   return mask
 
 
+def _projection(module: nn.Module, name: str, equation: str, shape: tuple[int, ...],
+                in_dims: int = 1) -> Projection:
+  """Projection `name` of an Attention or MLP `module`, with the LoRA rank its `lora` gives."""
+  return Projection(equation, shape, in_dims, module.dtype, module.param_dtype,
+                    module.lora.get(name, 0), module.lora_spec.alpha, module.lora_spec.dropout,
+                    name=name)
+
+
 class Attention(nn.Module):
   config: architecture.ModelConfig
   layer_type: str | None  # None: scanned layers; the per-layer `local` flag arrives as data.
@@ -145,10 +154,6 @@ class Attention(nn.Module):
   lora: dict[str, int]  # projection name -> LoRA rank (0 = none)
   lora_spec: LoraSpec
 
-  def _proj(self, name, equation, shape, in_dims=1):
-    return Projection(equation, shape, in_dims, self.dtype, self.param_dtype, self.lora.get(name, 0),
-                      self.lora_spec.alpha, self.lora_spec.dropout, name=name)
-
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array,
                cache: dict[str, Array] | None, cache_index: Array | None,
@@ -156,9 +161,10 @@ class Attention(nn.Module):
                ) -> tuple[Array, dict[str, Array] | None]:
     c = self.config
     n, k, h, d = c.num_heads, c.num_kv_heads, c.head_dim, c.embed_dim
-    q = self._proj('q_proj', 'BTD,DNH->BTNH', (d, n, h))(x, deterministic)
-    key = self._proj('k_proj', 'BSD,DKH->BSKH', (d, k, h))(x, deterministic)
-    val = self._proj('v_proj', 'BSD,DKH->BSKH', (d, k, h))(x, deterministic)
+    proj = functools.partial(_projection, self)
+    q = proj('q_proj', 'BTD,DNH->BTNH', (d, n, h))(x, deterministic)
+    key = proj('k_proj', 'BSD,DKH->BSKH', (d, k, h))(x, deterministic)
+    val = proj('v_proj', 'BSD,DKH->BSKH', (d, k, h))(x, deterministic)
     if c.use_qk_norm:
       q = RMSNorm(c.rms_norm_eps, self.param_dtype, name='query_norm')(q)
       key = RMSNorm(c.rms_norm_eps, self.param_dtype, name='key_norm')(key)
@@ -200,7 +206,7 @@ class Attention(nn.Module):
     logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, val).reshape(*x.shape[:2], n, h)
-    out = self._proj('o_proj', 'BTNH,NHD->BTD', (n, h, d), in_dims=2)(out, deterministic)
+    out = proj('o_proj', 'BTNH,NHD->BTD', (n, h, d), in_dims=2)(out, deterministic)
     return out, new_cache
 
 
@@ -214,11 +220,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
     c = self.config
-
-    def proj(name, equation, shape):
-      return Projection(equation, shape, 1, self.dtype, self.param_dtype, self.lora.get(name, 0),
-                        self.lora_spec.alpha, self.lora_spec.dropout, name=name)
-
+    proj = functools.partial(_projection, self)
     gate = proj('gate_proj', 'BTD,DF->BTF', (c.embed_dim, c.hidden_dim))(x, deterministic)
     up = proj('up_proj', 'BTD,DF->BTF', (c.embed_dim, c.hidden_dim))(x, deterministic)
     hidden = jax.nn.gelu(gate, approximate=True) * up

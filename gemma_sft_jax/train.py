@@ -225,8 +225,8 @@ def build(config: ml_collections.ConfigDict, setup: Setup, mesh: jax.sharding.Me
   params = init_params(setup, mesh=mesh, seed=config.train.seed)
   trainable, frozen = lora.split(params, method)
   del params
-  n_trainable = lora.count(trainable)
-  n_total = n_trainable + lora.count(frozen)
+  n_trainable = model_lib.count_params(trainable)
+  n_total = n_trainable + model_lib.count_params(frozen)
   logging.info('parameters: %s trainable of %s (%s)', f'{n_trainable:,}', f'{n_total:,}', method)
 
   o = config.optim
