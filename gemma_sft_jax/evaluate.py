@@ -128,13 +128,13 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
 
   def decode_all(sampling: sampler.SamplingParams, seed: int, desc: str) -> list[str]:
     completions: list[str] = [''] * len(ids)
+    generate = sampler.Generator(model, sampling=sampling, eos_id=tokenizer.eos_token_id)
     bar = tqdm.tqdm(total=len(ids), desc=desc, disable=not progress or jax.process_index() != 0)
     for b, chunk in enumerate(_batches(order, batch_size)):
       batch = [ids[i] for i in chunk]
       batch += [batch[-1]] * (batch_size - len(batch))  # Same shapes every batch: one compile.
-      out = sampler.generate(model, params, batch, sampling=sampling,
-                             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0,
-                             batch_sharding=batch_sharding, seed=seed * 1_000_003 + b)
+      out = generate(params, batch, pad_id=tokenizer.pad_token_id or 0,
+                     batch_sharding=batch_sharding, seed=seed * 1_000_003 + b)
       for i, tokens in zip(chunk, out):
         completions[i] = tokenizer.decode(tokens, skip_special_tokens=True)
       bar.update(len(chunk))

@@ -68,10 +68,9 @@ def _ends_with(out, length, seq):
   return (length >= n) & jnp.all(tail == jnp.asarray(seq, jnp.int32)[None, :], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'params_spec', 'eos_id'))
 def _generate(model: model_lib.Transformer, params: Any, tokens: jax.Array, segment_ids: jax.Array,
-              rng: jax.Array, params_spec: SamplingParams, eos_id: int):
-  p = params_spec
+              rng: jax.Array, *, sampling: SamplingParams, eos_id: int):
+  p = sampling
   b, length = tokens.shape
   positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0).astype(jnp.int32)
   cache = model_lib.init_cache(model.config, b, length + p.max_new_tokens, model.dtype,
@@ -113,43 +112,73 @@ def _generate(model: model_lib.Transformer, params: Any, tokens: jax.Array, segm
   return state['out'], state['lengths']
 
 
+class Generator:
+  """Completions from one model under fixed sampling settings, batch after batch.
+
+  The prefill and decode loop are jitted once per generator and compiled once per padded batch
+  shape, so build one generator for a run of batches (each new generator traces afresh).
+  """
+
+  def __init__(self, model: model_lib.Transformer, *, sampling: SamplingParams, eos_id: int):
+    """Builds the generator.
+
+    Args:
+      model: the Transformer (with LoRA leaves in the params if it has a LoraSpec).
+      sampling: greedy when temperature is 0; else temperature / top-k / top-p sampling.
+      eos_id: the token that ends a completion.
+    """
+    self.eos_id = eos_id
+    self._run = jax.jit(functools.partial(_generate, model, sampling=sampling, eos_id=eos_id))
+
+  def __call__(self, params: Any, prompts: Sequence[Sequence[int]], *, pad_id: int = 0,
+               seed: int = 0, batch_sharding: jax.sharding.Sharding | None = None,
+               min_bucket: int = 32) -> list[list[int]]:
+    """Generates a completion (token ids, without EOS) for every tokenised prompt.
+
+    Args:
+      params: the model's parameters (any sharding).
+      prompts: token ids per prompt, BOS included; one batch (callers split large sets).
+      pad_id: the id written into left padding.
+      seed: sampling seed.
+      batch_sharding: where to put the [B, L] prompt arrays (e.g. split over data axes).
+      min_bucket: the smallest padded prompt length.
+
+    Returns:
+      One list of generated ids per prompt, cut before EOS.
+    """
+    length = bucket(max(len(x) for x in prompts), min_bucket)
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    segments = np.zeros((len(prompts), length), np.int32)
+    for i, ids in enumerate(prompts):
+      tokens[i, length - len(ids):] = ids
+      segments[i, length - len(ids):] = 1
+    tokens, segments = jnp.asarray(tokens), jnp.asarray(segments)
+    if batch_sharding is not None:
+      tokens, segments = jax.device_put((tokens, segments), batch_sharding)
+    out, lengths = self._run(params, tokens, segments, jax.random.key(seed))
+    if not out.is_fully_addressable:  # Rows split over several processes: every one gets all.
+      out, lengths = multihost_utils.process_allgather((out, lengths), tiled=True)
+    return [_cut(row[:n], self.eos_id) for row, n in zip(np.asarray(out), np.asarray(lengths))]
+
+
+def _cut(row: np.ndarray, eos_id: int) -> list[int]:
+  ids = [int(t) for t in row]
+  return ids[:-1] if ids and ids[-1] == eos_id else ids
+
+
 def generate(model: model_lib.Transformer, params: Any, prompts: Sequence[Sequence[int]], *,
-             sampling: SamplingParams, eos_id: int, pad_id: int = 0, seed: int = 0,
-             batch_sharding: jax.sharding.Sharding | None = None,
-             min_bucket: int = 32) -> list[list[int]]:
-  """Generates a completion (token ids, without EOS) for every tokenised prompt.
+             sampling: SamplingParams, eos_id: int, **kwargs) -> list[list[int]]:
+  """One batch's completions through a new `Generator` (compiled for this call only).
 
   Args:
     model: the Transformer (with LoRA leaves in `params` if it has a LoraSpec).
     params: its parameters (any sharding).
-    prompts: token ids per prompt, BOS included; one batch (callers split large sets).
+    prompts: token ids per prompt, BOS included.
     sampling: greedy when temperature is 0; else temperature / top-k / top-p sampling.
     eos_id: the token that ends a completion.
-    pad_id: the id written into left padding.
-    seed: sampling seed.
-    batch_sharding: where to put the [B, L] prompt arrays (e.g. split over data axes).
-    min_bucket: the smallest padded prompt length.
+    **kwargs: `Generator.__call__`'s pad_id, seed, batch_sharding and min_bucket.
 
   Returns:
     One list of generated ids per prompt, cut before EOS.
   """
-  length = bucket(max(len(x) for x in prompts), min_bucket)
-  tokens = np.full((len(prompts), length), pad_id, np.int32)
-  segments = np.zeros((len(prompts), length), np.int32)
-  for i, ids in enumerate(prompts):
-    tokens[i, length - len(ids):] = ids
-    segments[i, length - len(ids):] = 1
-  tokens, segments = jnp.asarray(tokens), jnp.asarray(segments)
-  if batch_sharding is not None:
-    tokens, segments = jax.device_put((tokens, segments), batch_sharding)
-  out, lengths = _generate(model, params, tokens, segments, jax.random.key(seed), sampling, eos_id)
-  if not out.is_fully_addressable:  # Rows split over several processes: every one gets them all.
-    out, lengths = multihost_utils.process_allgather((out, lengths), tiled=True)
-  out, lengths = np.asarray(out), np.asarray(lengths)
-  results = []
-  for row, n in zip(out, lengths):
-    ids = [int(t) for t in row[:n]]
-    if ids and ids[-1] == eos_id:
-      ids = ids[:-1]
-    results.append(ids)
-  return results
+  return Generator(model, sampling=sampling, eos_id=eos_id)(params, prompts, **kwargs)

@@ -67,12 +67,9 @@ def recorded_logits(monkeypatch):
     jax.debug.callback(lambda x: seen.append(np.asarray(x)), logits, ordered=True)
     return choose(logits, rng, p)
 
-  # _generate is jitted: drop traces made without the recorder (and, afterwards, with it).
-  sampler._generate.clear_cache()  # pylint: disable=protected-access
   monkeypatch.setattr(sampler, '_choose', recording)
   yield seen
   monkeypatch.undo()
-  sampler._generate.clear_cache()  # pylint: disable=protected-access
 
 
 def _full_forward_logits(model, params, prompts, generated):
