@@ -1,8 +1,11 @@
 """The run configuration: every field a config file can set, with its default.
 
 Config files in `configs/` call `base_config()` and change what their model / method needs, then
-return the locked ConfigDict. Only the entry points (`main`, `eval`, `decode`) and `train.run` read
-this object; library functions take explicit keyword arguments.
+return the locked ConfigDict. Only the entry points (`main`, `eval`, `decode`, `export`,
+`benchmark`), the run phases they call (`runner`; `train.model_setup`, `train.build` and
+`train.train`; `exporters.export`; `peft_adapters.load`) and the checks in `validation` and
+`resume` read this object; the library below them (model, data, loss, sampler, checkpoints)
+takes explicit keyword arguments.
 
 Fields (the contract the README documents):
   model.checkpoint    hub id, local HF dir, or .gguf path; '' = random init of `model.variant`

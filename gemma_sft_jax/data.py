@@ -43,6 +43,7 @@ Stats for docs/data.md:
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
@@ -73,6 +74,27 @@ def tokenize_prompt(prompt: str, *, tokenizer: Any) -> list[int]:
   if tokenizer.bos_token_id is None:
     raise DataError('tokenizer has no bos_token_id')
   return [tokenizer.bos_token_id] + _encode(prompt, tokenizer)
+
+
+def read_prompts(path: str) -> list[str]:
+  """The prompts of a JSONL file of {"prompt": str} rows (blank lines skipped).
+
+  Raises:
+    ValueError: naming the file and line of a row that is not JSON or has no string prompt.
+  """
+  prompts = []
+  with open(path) as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
+      if not isinstance(row, dict) or not isinstance(row.get('prompt'), str):
+        raise ValueError(f'{path}:{line_no}: expected {{"prompt": str}}')
+      prompts.append(row['prompt'])
+  return prompts
 
 
 def tokenize_example(prompt: str, target: str, *, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:

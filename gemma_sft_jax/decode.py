@@ -1,4 +1,4 @@
-r"""Decode entry point: completions for your own prompts, from the base model or with trained weights.
+r"""Decode entry point: completions of your own prompts, by the base model or with trained weights.
 
   python -m gemma_sft_jax.decode --config=configs/gemma3.py:size=270m \
       --prompts=in.jsonl --output=out.jsonl --adapter=runs/g3_lora/final
@@ -15,12 +15,10 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from gemma_sft_jax import data as data_lib
 from gemma_sft_jax import runner
-from gemma_sft_jax import sampler
 from gemma_sft_jax import sharding
 from gemma_sft_jax import validation
 
@@ -32,22 +30,6 @@ _ADAPTER = flags.DEFINE_string('adapter', None, "A run's final/ directory (LoRA 
                                'PEFT LoRA adapter directory.')
 _BATCH = flags.DEFINE_integer('batch_size', 32, 'Prompts per decode batch.')
 flags.mark_flag_as_required('config')
-
-
-def _read_prompts(path):
-  prompts = []
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
-      if not isinstance(row, dict) or not isinstance(row.get('prompt'), str):
-        raise ValueError(f'{path}:{line_no}: expected {{"prompt": str}}')
-      prompts.append(row['prompt'])
-  return prompts
 
 
 def _decode(config):
@@ -62,24 +44,12 @@ def _decode(config):
       outputs=[('--output', _OUTPUT.value)] if _OUTPUT.value else (),
       input_dirs=[('--adapter', _ADAPTER.value)] if _ADAPTER.value else ())
   prompts = ([_PROMPT.value.replace('\\n', '\n')] if _PROMPT.value else
-             _read_prompts(_PROMPTS.value))
+             data_lib.read_prompts(_PROMPTS.value))
   mesh = sharding.make_mesh(**config.mesh)
   setup, params = (runner.load_trained(config, _ADAPTER.value, mesh=mesh) if _ADAPTER.value else
                    runner.base_params(config, mesh=mesh))
   setup, params = runner.for_decoding(setup, params)
-  tok = setup.tokenizer
-  d = config.decode
-  sampling = sampler.SamplingParams(max_new_tokens=d.max_new_tokens, temperature=d.temperature,
-                                    top_k=d.top_k, top_p=d.top_p)
-  logging.info('decoding %d prompt(s), up to %d new tokens each (the first batch compiles, or '
-               'reads the compilation cache)', len(prompts), d.max_new_tokens)
-  completions = []
-  for start in range(0, len(prompts), _BATCH.value):
-    chunk = prompts[start:start + _BATCH.value]
-    ids = [data_lib.tokenize_prompt(p, tokenizer=tok) for p in chunk]
-    out = sampler.generate(setup.model, params, ids, sampling=sampling, eos_id=tok.eos_token_id,
-                           pad_id=tok.pad_token_id or 0, seed=config.train.seed + start)
-    completions += [tok.decode(o, skip_special_tokens=True) for o in out]
+  completions = runner.decode_prompts(config, setup, params, prompts, batch_size=_BATCH.value)
   if _PROMPT.value:
     print(completions[0])
     return

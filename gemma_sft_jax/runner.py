@@ -23,12 +23,14 @@ import jax
 import ml_collections
 
 from gemma_sft_jax import checkpointing
+from gemma_sft_jax import data as data_lib
 from gemma_sft_jax import evaluate
 from gemma_sft_jax import gsm8k
 from gemma_sft_jax import lora
 from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import peft_adapters
 from gemma_sft_jax import resume
+from gemma_sft_jax import sampler
 from gemma_sft_jax import sharding
 from gemma_sft_jax import train as train_lib
 from gemma_sft_jax import validation
@@ -257,6 +259,27 @@ def for_decoding(setup: train_lib.Setup, params: Any) -> tuple[train_lib.Setup, 
   merged = jax.jit(functools.partial(lora.merge_weights, spec=setup.model.lora))(params)
   plain = setup.model.clone(lora=model_lib.LoraSpec())
   return dataclasses.replace(setup, model=plain), merged
+
+
+def decode_prompts(config: ml_collections.ConfigDict, setup: train_lib.Setup, params: Any,
+                   prompts: Sequence[str], *, batch_size: int) -> list[str]:
+  """Completions of text prompts under the config's `decode` settings, `batch_size` at a time.
+
+  Greedy when decode.temperature is 0; otherwise temperature / top-k / top-p sampling, each
+  batch seeded with train.seed plus the index of its first prompt.
+  """
+  d, tok = config.decode, setup.tokenizer
+  sampling = sampler.SamplingParams(max_new_tokens=d.max_new_tokens, temperature=d.temperature,
+                                    top_k=d.top_k, top_p=d.top_p)
+  generate = sampler.Generator(setup.model, sampling=sampling, eos_id=tok.eos_token_id)
+  logging.info('decoding %d prompt(s), up to %d new tokens each (the first batch compiles, or '
+               'reads the compilation cache)', len(prompts), d.max_new_tokens)
+  completions = []
+  for start in range(0, len(prompts), batch_size):
+    ids = [data_lib.tokenize_prompt(p, tokenizer=tok) for p in prompts[start:start + batch_size]]
+    out = generate(params, ids, pad_id=tok.pad_token_id or 0, seed=config.train.seed + start)
+    completions += [tok.decode(o, skip_special_tokens=True) for o in out]
+  return completions
 
 
 def _finished_step(config: ml_collections.ConfigDict, workdir: str) -> int | None:
