@@ -58,8 +58,11 @@ BASES = {
 # Run name -> (family, method, extra training flags).
 RUNS = {
     'g2_lora': ('gemma2', 'lora', ('--config.model.scan_layers=true', '--config.optim.lr=0.05')),
+    'g2_full': ('gemma2', 'full', ('--config.optim.lr=0.01',)),
     'g3_full': ('gemma3', 'full', ('--config.optim.lr=0.01',)),
+    'g3_lora': ('gemma3', 'lora', ('--config.model.scan_layers=true', '--config.optim.lr=0.05')),
 }
+LORA_RUNS = sorted(run for run, (_, method, _) in RUNS.items() if method == 'lora')
 _TRAIN = ('--config.train.steps=3', '--config.train.batch_size=2',
           '--config.optim.warmup_steps=1', '--config.eval.run_base=false',
           '--config.eval.run_sft=false')
@@ -193,7 +196,12 @@ def runs(tmp_path_factory):
                   f'--prompts={prompts}', f'--output={root}/{run}.jsonl',
                   f'--adapter={os.path.join(root, run, "final")}') for run in RUNS]
   for name, run, fmt, dtype in (('g3_full_hf', 'g3_full', 'hf', 'float32'),
+                                ('g2_full_hf', 'g2_full', 'hf', 'float32'),
+                                ('g3_lora_hf', 'g3_lora', 'hf', 'float32'),
+                                ('g3_lora_peft', 'g3_lora', 'peft', 'float32'),
                                 ('g2_lora.gguf', 'g2_lora', 'gguf', 'float32'),
+                                ('g2_full.gguf', 'g2_full', 'gguf', 'float32'),
+                                ('g3_lora.gguf', 'g3_lora', 'gguf', 'float32'),
                                 ('g2_lora_bf16.gguf', 'g2_lora', 'gguf', 'bfloat16'),
                                 ('g3_full_f16.gguf', 'g3_full', 'gguf', 'float16')):
     exporters.export(_config(root, run), workdir=os.path.join(root, run), fmt=fmt,
@@ -294,23 +302,25 @@ def test_exported_tokenizer_is_the_byte_tokenizer(runs):
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 1, 0)
 
 
-def test_peft_export_loads_in_peft(runs):
+@pytest.mark.parametrize('run', LORA_RUNS)
+def test_peft_export_loads_in_peft(runs, run):
   import peft  # pylint: disable=g-import-not-at-top
-  ours, tokens = _ours(runs, 'g2_lora')
-  path = os.path.join(runs['out'], 'g2_lora_peft')
-  model = peft.PeftModel.from_pretrained(_hf(os.path.join(runs['root'], 'gemma2')), path).eval()
+  ours, tokens = _ours(runs, run)
+  family = RUNS[run][0]
+  path = os.path.join(runs['out'], f'{run}_peft')
+  model = peft.PeftModel.from_pretrained(_hf(os.path.join(runs['root'], family)), path).eval()
   diff = np.abs(_torch_logits(model, tokens) - ours).max()
-  print(f'g2_lora peft: fp32 max abs diff {diff:.2e}')
+  print(f'{run} peft: fp32 max abs diff {diff:.2e}')
   assert diff <= FP32_ATOL
-  assert _greedy(model, os.path.join(runs['root'], 'gemma2')) == _completions(
-      os.path.join(runs['root'], 'g2_lora.jsonl'))
+  assert _greedy(model, os.path.join(runs['root'], family)) == _completions(
+      os.path.join(runs['root'], f'{run}.jsonl'))
   with open(os.path.join(path, peft_adapters.CONFIG_FILE)) as f:
     config = json.load(f)
   assert (config['r'], config['lora_alpha'], config['target_modules']) == (
       4, 8.0, ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj'])
   keys = checkpoints.read_safetensors(os.path.join(path, peft_adapters.WEIGHTS_FILE))
   assert 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' in keys
-  assert len(keys) == 2 * 7 * BASES['gemma2'].num_layers
+  assert len(keys) == 2 * 7 * BASES[family].num_layers
 
 
 @pytest.mark.parametrize('run', sorted(RUNS))
@@ -421,7 +431,8 @@ def test_bad_input_is_one_line_and_leaves_nothing(runs):
   # Only the exports that succeeded (and tokenizers built from them), no staging directories.
   assert sorted(f for f in os.listdir(out) if not f.endswith('.tokenizer')) == sorted(
       ['g2_lora_hf', 'g2_lora_peft', 'g2_lora.gguf', 'g2_lora_bf16.gguf', 'g3_full_hf',
-       'g3_full.gguf', 'g3_full_f16.gguf'])
+       'g3_full.gguf', 'g3_full_f16.gguf', 'g2_full_hf', 'g2_full.gguf', 'g3_lora_hf',
+       'g3_lora_peft', 'g3_lora.gguf'])
   assert sorted(f for f in os.listdir(root) if f.startswith('.')) == []
 
 
