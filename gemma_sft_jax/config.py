@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   # One nn.scan over the layers (stacked 'layers/...' params): compile time independent of depth.
   c.model.scan_layers = False
   # Dtype of the vocab-chunk logits matmul in the loss: bfloat16 keeps its backward in bf16
-  # (twice as fast on H100); softmax statistics are fp32 either way.
+  # (faster; BENCHMARKS.md); softmax statistics are fp32 either way.
   c.model.logits_dtype = 'float32'
 
   c.tuning_method = 'full'

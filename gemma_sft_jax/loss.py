@@ -160,11 +160,10 @@ def chunked_cross_entropy(hidden: Array, embedding: Array, targets: Array, weigh
     logits_dtype: dtype the chunk matmul emits (accumulation is fp32 inside the dot; the result
       is cast to fp32 for the statistics). bfloat16 makes the cotangent entering the backward
       matmuls bf16, which runs them at bf16 speed (an fp32 cotangent makes XLA run them in
-      fp32) at the cost of rounding each logit to bf16; float32 (default) is exact. Measured on H100 (jax 0.11.2; bf16 hidden and
-      embedding, 8192 tokens, V = 262,144, D = 640, chunk 8192, forward + backward): 54 ms with
-      float32, 32 ms with bfloat16; the naive loss took 60 ms and 16.6 GiB of temporaries,
-      this one 0.35 GiB. (Under jit, XLA:CPU fuses the bf16 output back into an fp32 dot, so
-      on CPU the forward logits may stay unrounded.)
+      fp32) at the cost of rounding each logit to bf16; float32 (default) is exact. For Gemma 2
+      2B full SFT on an H200 bfloat16 made the whole step 11% faster (BENCHMARKS.md, "Levers
+      measured"). (Under jit, XLA:CPU fuses the bf16 output back into an fp32 dot, so on CPU the
+      forward logits may stay unrounded.)
 
   Returns:
     (loss_sum, weight_sum), fp32 scalars: the sum over tokens of weight · CE and the sum of
