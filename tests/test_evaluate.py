@@ -1,9 +1,10 @@
-"""The GSM8K evaluator: exact strict/flexible scoring and predictions.jsonl (with `sampler.generate`
+"""The GSM8K evaluator: exact strict/flexible scoring and predictions.jsonl (with the sampler
 replaced by known completions), identical prompts for base and SFT, and batch-size invariance
 with a real tiny model.
 """
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -70,6 +71,14 @@ class FakeGenerate:
     return out
 
 
+def _generator_of(generate):
+  """A stand-in for `sampler.Generator` whose calls go to `generate` (`sampler.generate`'s
+  signature)."""
+  def make(model, *, sampling, eos_id):
+    return functools.partial(generate, model, sampling=sampling, eos_id=eos_id)
+  return make
+
+
 def _read_jsonl(path):
   with open(path) as f:
     return [json.loads(line) for line in f]
@@ -77,7 +86,7 @@ def _read_jsonl(path):
 
 def test_scoring_and_predictions_file(tmp_path, monkeypatch):
   fake = FakeGenerate()
-  monkeypatch.setattr(sampler, 'generate', fake)
+  monkeypatch.setattr(sampler, 'Generator', _generator_of(fake))
   questions = _examples()
   spec = evaluate.PromptSpec()
   path = str(tmp_path / 'sub' / 'predictions.jsonl')
@@ -139,7 +148,7 @@ def test_scoring_and_predictions_file(tmp_path, monkeypatch):
 
 def test_base_and_sft_get_identical_prompts(tmp_path, monkeypatch):
   fake = FakeGenerate()
-  monkeypatch.setattr(sampler, 'generate', fake)
+  monkeypatch.setattr(sampler, 'Generator', _generator_of(fake))
   questions = gsm8k.load_split(SAMPLE, 'main', 'test')[:5]
   pool = gsm8k.load_split(SAMPLE, 'main', 'train')
   spec = evaluate.PromptSpec(strategy='few_shot', num_shots=2, seed=3)
@@ -219,7 +228,7 @@ def test_self_consistency_maj_and_pass_at_k(tmp_path, monkeypatch):
         out.append(TOK.encode(sampled[question][1][seed // 1_000_003 - 10]))
     return out
 
-  monkeypatch.setattr(sampler, 'generate', fake)
+  monkeypatch.setattr(sampler, 'Generator', _generator_of(fake))
   questions = [gsm8k.Example(question=q, answer=f'... #### {g}', gold=g)
                for q, (g, _) in sampled.items()]
   path = str(tmp_path / 'predictions.jsonl')
