@@ -19,7 +19,6 @@ import os
 import statistics
 import time
 
-from absl import app
 from absl import logging
 from absl import flags
 import jax
@@ -32,18 +31,23 @@ from gemma_sft_jax import runner
 from gemma_sft_jax import sharding
 from gemma_sft_jax import train as train_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=False)
-_STEPS = flags.DEFINE_integer('steps', 8, 'Timed steps.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Append the JSON result to this file.')
-_BREAKDOWN = flags.DEFINE_bool('breakdown', False,
-                               'Also time forward+backward and the optimizer update alone.')
-_TAG = flags.DEFINE_string('tag', '', 'Free-form label stored in the JSON line.')
-_PROFILE = flags.DEFINE_string(
-    'profile', None, 'Also trace 3 steps with jax.profiler into this directory (with a Perfetto '
-    'trace, which benchmarks/trace_top.py summarises by kernel).')
-flags.mark_flag_as_required('config')
-
 _GIB = 2 ** 30
+
+
+def _define_flags():
+  """This entry point's flags, defined when it runs (`runner.run`)."""
+  holders = (
+      config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=False),
+      flags.DEFINE_integer('steps', 8, 'Timed steps.'),
+      flags.DEFINE_string('output', None, 'Append the JSON result to this file.'),
+      flags.DEFINE_bool('breakdown', False,
+                        'Also time forward+backward and the optimizer update alone.'),
+      flags.DEFINE_string('tag', '', 'Free-form label stored in the JSON line.'),
+      flags.DEFINE_string(
+          'profile', None, 'Also trace 3 steps with jax.profiler into this directory (with a '
+          'Perfetto trace, which benchmarks/trace_top.py summarises by kernel).'))
+  flags.mark_flag_as_required('config')
+  return holders
 
 
 def _median_seconds(fn, steps: int) -> float:
@@ -91,7 +95,7 @@ def _breakdown(parts, state, batch, steps: int) -> dict:
   return out
 
 
-def _bench(config):
+def _bench(config, steps, output, breakdown, tag, profile):
   if not config.model.checkpoint:
     config.model.tokenizer = config.model.tokenizer or 'byte'
   mesh = sharding.make_mesh(**config.mesh)
@@ -111,7 +115,7 @@ def _bench(config):
   compile_s = time.time() - t1
   logging.info('compiled step in %.1f s; memory: %s', compile_s, _memory(compiled))
   state, times = parts.state, []
-  for _ in range(_STEPS.value + 2):
+  for _ in range(steps + 2):
     t1 = time.time()
     state, m = compiled(state, parts.frozen, batch)
     loss = float(jax.device_get(m['loss']))  # Blocks until the step is done.
@@ -143,25 +147,22 @@ def _bench(config):
       # compile_s and first_step_s are a cache read when this directory already held the step.
       'compilation_cache': jax.config.jax_compilation_cache_dir,
   }
-  if _TAG.value:
-    result['tag'] = _TAG.value
-  if _PROFILE.value:
-    os.makedirs(_PROFILE.value, exist_ok=True)
-    with jax.profiler.trace(_PROFILE.value, create_perfetto_trace=True):
+  if tag:
+    result['tag'] = tag
+  if profile:
+    os.makedirs(profile, exist_ok=True)
+    with jax.profiler.trace(profile, create_perfetto_trace=True):
       for _ in range(3):
         state, m = compiled(state, parts.frozen, batch)
       jax.block_until_ready(m)
-  if _BREAKDOWN.value:
-    result.update(_breakdown(parts, state, batch, _STEPS.value))
+  if breakdown:
+    result.update(_breakdown(parts, state, batch, steps))
   line = json.dumps(result)
   print(line, flush=True)
-  if _OUTPUT.value and jax.process_index() == 0:
-    with open(_OUTPUT.value, 'a') as f:
+  if output and jax.process_index() == 0:
+    with open(output, 'a') as f:
       f.write(line + '\n')
 
 
-main = runner.absl_main(_bench, _CONFIG)
-
-
 if __name__ == '__main__':
-  app.run(main)
+  runner.run(_bench, _define_flags)

@@ -13,7 +13,6 @@ a PEFT LoRA adapter directory trained on the same base.
 import json
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -22,45 +21,45 @@ from gemma_sft_jax import runner
 from gemma_sft_jax import sharding
 from gemma_sft_jax import validation
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=True)
-_PROMPTS = flags.DEFINE_string('prompts', None, 'JSONL file with one {"prompt": ...} per line.')
-_PROMPT = flags.DEFINE_string('prompt', None, 'A single prompt; its completion goes to stdout.')
-_OUTPUT = flags.DEFINE_string('output', None, 'JSONL file for {"prompt", "completion"} rows.')
-_ADAPTER = flags.DEFINE_string('adapter', None, "A run's final/ directory (LoRA or full SFT) or a "
-                               'PEFT LoRA adapter directory.')
-_BATCH = flags.DEFINE_integer('batch_size', 32, 'Prompts per decode batch.')
-flags.mark_flag_as_required('config')
+def _define_flags():
+  """This entry point's flags, defined when it runs (`runner.run`)."""
+  holders = (
+      config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=True),
+      flags.DEFINE_string('prompts', None, 'JSONL file with one {"prompt": ...} per line.'),
+      flags.DEFINE_string('prompt', None, 'A single prompt; its completion goes to stdout.'),
+      flags.DEFINE_string('output', None, 'JSONL file for {"prompt", "completion"} rows.'),
+      flags.DEFINE_string('adapter', None, "A run's final/ directory (LoRA or full SFT) or a "
+                          'PEFT LoRA adapter directory.'),
+      flags.DEFINE_integer('batch_size', 32, 'Prompts per decode batch.'))
+  flags.mark_flag_as_required('config')
+  return holders
 
 
-def _decode(config):
-  if (_PROMPTS.value is None) == (_PROMPT.value is None):
+def _decode(config, prompts_file, prompt, output, adapter, batch_size):
+  if (prompts_file is None) == (prompt is None):
     raise ValueError('give exactly one of --prompts=IN.jsonl or --prompt=TEXT')
-  if _PROMPTS.value and not _OUTPUT.value:
+  if prompts_file and not output:
     raise ValueError('--prompts needs --output=OUT.jsonl')
-  if _BATCH.value < 1:
-    raise ValueError(f'--batch_size={_BATCH.value}: must be >= 1')
+  if batch_size < 1:
+    raise ValueError(f'--batch_size={batch_size}: must be >= 1')
   validation.preflight(
-      config, 'decode', inputs=[('--prompts', _PROMPTS.value)] if _PROMPTS.value else (),
-      outputs=[('--output', _OUTPUT.value)] if _OUTPUT.value else (),
-      input_dirs=[('--adapter', _ADAPTER.value)] if _ADAPTER.value else ())
-  prompts = ([_PROMPT.value.replace('\\n', '\n')] if _PROMPT.value else
-             data_lib.read_prompts(_PROMPTS.value))
+      config, 'decode', inputs=[('--prompts', prompts_file)] if prompts_file else (),
+      outputs=[('--output', output)] if output else (),
+      input_dirs=[('--adapter', adapter)] if adapter else ())
+  prompts = ([prompt.replace('\\n', '\n')] if prompt else data_lib.read_prompts(prompts_file))
   mesh = sharding.make_mesh(**config.mesh)
-  setup, params = (runner.load_trained(config, _ADAPTER.value, mesh=mesh) if _ADAPTER.value else
+  setup, params = (runner.load_trained(config, adapter, mesh=mesh) if adapter else
                    runner.base_params(config, mesh=mesh))
   setup, params = runner.for_decoding(setup, params)
-  completions = runner.decode_prompts(config, setup, params, prompts, batch_size=_BATCH.value)
-  if _PROMPT.value:
+  completions = runner.decode_prompts(config, setup, params, prompts, batch_size=batch_size)
+  if prompt:
     print(completions[0])
     return
-  with open(_OUTPUT.value, 'w') as f:
+  with open(output, 'w') as f:
     for p, c in zip(prompts, completions):
       f.write(json.dumps({'prompt': p, 'completion': c}) + '\n')
-  print(f'{len(prompts)} completions -> {_OUTPUT.value}', file=sys.stderr)
-
-
-main = runner.absl_main(_decode, _CONFIG)
+  print(f'{len(prompts)} completions -> {output}', file=sys.stderr)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=runner.parse_flags)
+  runner.run(_decode, _define_flags)

@@ -13,7 +13,6 @@ that changes them (the digest), so no evaluation overwrites another's.
 
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -25,19 +24,23 @@ from gemma_sft_jax import sharding
 from gemma_sft_jax import train as train_lib
 from gemma_sft_jax import validation
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (its final/ weights are evaluated).')
-_BASE = flags.DEFINE_bool('base', False, 'Evaluate the base checkpoint, not the trained weights.')
-_ADAPTER = flags.DEFINE_string('adapter', None, "Trained weights instead of WORKDIR/final: a run's "
-                               'final/ directory or a PEFT LoRA adapter directory.')
-flags.mark_flags_as_required(['config', 'workdir'])
+def _define_flags():
+  """This entry point's flags, defined when it runs (`runner.run`)."""
+  holders = (
+      config_flags.DEFINE_config_file('config', None, 'Run config file.', lock_config=True),
+      flags.DEFINE_string('workdir', None, 'Run directory (its final/ weights are evaluated).'),
+      flags.DEFINE_bool('base', False, 'Evaluate the base checkpoint, not the trained weights.'),
+      flags.DEFINE_string('adapter', None, "Trained weights instead of WORKDIR/final: a run's "
+                          'final/ directory or a PEFT LoRA adapter directory.'))
+  flags.mark_flags_as_required(['config', 'workdir'])
+  return holders
 
 
-def _evaluate(config, workdir, use_base):
+def _evaluate(config, workdir, use_base, adapter):
   validation.preflight(config, 'eval', workdir=workdir,
-                       input_dirs=[('--adapter', _ADAPTER.value)] if _ADAPTER.value else ())
+                       input_dirs=[('--adapter', adapter)] if adapter else ())
   mesh = sharding.make_mesh(**config.mesh)
-  final = _ADAPTER.value or os.path.join(workdir, 'final')
+  final = adapter or os.path.join(workdir, 'final')
   if not use_base and not os.path.isdir(final):
     logging.warning('%s has no trained weights: evaluating the base model', workdir)
     use_base = True
@@ -54,8 +57,5 @@ def _evaluate(config, workdir, use_base):
   print(f'results: {path}\npredictions: {result["predictions"]}')
 
 
-main = runner.absl_main(_evaluate, _CONFIG, _WORKDIR, _BASE)
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=runner.parse_flags)
+  runner.run(_evaluate, _define_flags)

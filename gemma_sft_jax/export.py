@@ -14,7 +14,6 @@ adapters of a LoRA run, gguf one llama.cpp file. The output is written beside it
 renamed into place when complete; an existing output is replaced only with --overwrite.
 """
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
@@ -23,32 +22,32 @@ from gemma_sft_jax import exporters
 from gemma_sft_jax import runner
 from gemma_sft_jax import validation
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, "The run's config (and its overrides).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (its final/ weights are exported).')
-_FORMAT = flags.DEFINE_enum('format', None, list(exporters.FORMATS), 'What to write.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Directory (hf, peft) or .gguf file to write.')
-_BASE = flags.DEFINE_bool('base', False, 'Export the base checkpoint, not the trained weights.')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', list(exporters.DTYPES),
-                           'Weights dtype of hf and gguf exports (float32 is exact).')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing output.')
-_SHARD_MB = flags.DEFINE_float('max_shard_mb', 5000, 'hf: safetensors files split above this size.')
-flags.mark_flags_as_required(['config', 'format', 'output'])
+def _define_flags():
+  """This entry point's flags, defined when it runs (`runner.run`)."""
+  holders = (
+      config_flags.DEFINE_config_file('config', None, "The run's config (and its overrides).",
+                                      lock_config=True),
+      flags.DEFINE_string('workdir', None, 'Run directory (its final/ weights are exported).'),
+      flags.DEFINE_enum('format', None, list(exporters.FORMATS), 'What to write.'),
+      flags.DEFINE_string('output', None, 'Directory (hf, peft) or .gguf file to write.'),
+      flags.DEFINE_bool('base', False, 'Export the base checkpoint, not the trained weights.'),
+      flags.DEFINE_enum('dtype', 'float32', list(exporters.DTYPES),
+                        'Weights dtype of hf and gguf exports (float32 is exact).'),
+      flags.DEFINE_bool('overwrite', False, 'Replace an existing output.'),
+      flags.DEFINE_float('max_shard_mb', 5000, 'hf: safetensors files split above this size.'))
+  flags.mark_flags_as_required(['config', 'format', 'output'])
+  return holders
 
 
-def _export(config):
-  if not _BASE.value and not _WORKDIR.value:
+def _export(config, workdir, fmt, output, base, dtype, overwrite, max_shard_mb):
+  if not base and not workdir:
     raise ValueError('give --workdir=RUN (its final/ weights), or --base for the base model')
   validation.preflight(config, 'export')
-  path = exporters.export(config, workdir=_WORKDIR.value, fmt=_FORMAT.value, output=_OUTPUT.value,
-                          base=_BASE.value, dtype=_DTYPE.value, overwrite=_OVERWRITE.value,
-                          max_shard_mb=_SHARD_MB.value)
+  path = exporters.export(config, workdir=workdir, fmt=fmt, output=output, base=base, dtype=dtype,
+                          overwrite=overwrite, max_shard_mb=max_shard_mb)
   if jax.process_index() == 0:
-    print(f'{_FORMAT.value} export: {path}')
-
-
-main = runner.absl_main(_export, _CONFIG)
+    print(f'{fmt} export: {path}')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=runner.parse_flags)
+  runner.run(_export, _define_flags)

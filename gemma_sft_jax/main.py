@@ -7,20 +7,19 @@ r"""Train entry point: base eval -> SFT -> SFT eval -> results.json.
 Re-running the same command resumes from the latest checkpoint in --workdir.
 """
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from gemma_sft_jax import runner
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config file (configs/*.py[:args]).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-main = runner.absl_main(runner.train_and_evaluate, _CONFIG, _WORKDIR)
+def _define_flags():
+  """This entry point's flags, defined when it runs (`runner.run`)."""
+  config = config_flags.DEFINE_config_file(
+      'config', None, 'Run config file (configs/*.py[:args]).', lock_config=True)
+  workdir = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  return config, workdir
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=runner.parse_flags)
+  runner.run(runner.train_and_evaluate, _define_flags)

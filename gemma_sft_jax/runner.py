@@ -157,6 +157,18 @@ def absl_main(fn: Callable[..., Any], *flag_holders: Any) -> Callable[[list[str]
   return main
 
 
+def run(fn: Callable[..., Any], define_flags: Callable[[], Sequence[Any]]) -> None:
+  """Runs an entry point: defines its flags, parses them (`parse_flags`), then `absl_main(fn)`.
+
+  Args:
+    fn: called with the value of each flag `define_flags` returns, in its order.
+    define_flags: defines the entry point's absl flags and returns their holders. The flags are
+      defined when the entry point runs, not when its module is imported: entry points share
+      names (--config, --workdir, --output) that absl allows once per process.
+  """
+  app.run(absl_main(fn, *define_flags()), flags_parser=parse_flags)
+
+
 def exit_on_bad_input(fn: Callable[..., Any], *args, **kwargs) -> Any:
   """Runs fn; bad input becomes one line on stderr and exit status 2 (no traceback), Ctrl-C one
   line and status 130. The multi-host group is left in every case."""

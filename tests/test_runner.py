@@ -1,6 +1,8 @@
 """runner.setup_jax: the persistent compilation cache is on by default, and can be moved or turned
-off; the decode CLI says what it is doing at each start-up phase."""
+off; the decode CLI says what it is doing at each start-up phase; the entry points import in one
+process, and the benchmark CLI writes its line."""
 
+import json
 import os
 import subprocess
 import sys
@@ -68,3 +70,25 @@ def test_compilation_cache_on_by_default_and_can_be_turned_off(tmp_path):
   _stderr(elsewhere)
   assert sorted(_files(default)) == cached  # Every program of the rerun came from the cache.
   assert len(_files(moved)) == len(cached)
+
+
+def test_entry_points_import_in_one_process(tmp_path):
+  # They share flag names (--config, --workdir, --output), which absl allows once per process:
+  # report defines its flag at import, the others only when they run (runner.run).
+  code = '; '.join(f'import gemma_sft_jax.{name}'
+                   for name in ('report', 'main', 'eval', 'decode', 'export', 'benchmark'))
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=cli_env(str(tmp_path)),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_benchmark_cli_appends_its_json_line(tmp_path):
+  out = tmp_path / 'bench.jsonl'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'gemma_sft_jax.benchmark', '--config=configs/tiny.py:family=gemma2',
+       '--steps=1', '--tag=t', f'--output={out}'],
+      cwd=ROOT, env=cli_env(str(tmp_path / 'xla')), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(out) as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == 1 and rows[0]['tag'] == 't' and rows[0]['tokens_per_s'] > 0
