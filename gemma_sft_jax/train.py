@@ -275,6 +275,20 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
+def train_batches(config: ml_collections.ConfigDict, tokenizer: Any) -> data_lib.BatchIterator:
+  """This process's share of the training batches: the train split (its first data.limit
+  examples when that is set), tokenized, packed and shuffled per the config."""
+  d = config.data
+  examples = gsm8k.load_split(d.source, d.subset, d.train_split, skip_bad_rows=d.skip_bad_rows)
+  if d.limit:
+    examples = examples[:d.limit]
+  return data_lib.make_train_iterator(
+      examples, tokenizer=tokenizer, seq_len=config.train.seq_len,
+      global_batch_size=config.train.batch_size, seed=config.train.seed, packing=d.packing,
+      template=d.prompt_template, strip_calculator=d.strip_calculator,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           on_ready: Callable[[Setup, Any], None] | None = None) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint if there is one.
@@ -306,16 +320,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   setup = model_setup(config, with_lora=method == 'lora', mesh=mesh)
 
   # ---- Data. ------------------------------------------------------------------------------
-  examples = gsm8k.load_split(config.data.source, config.data.subset, config.data.train_split,
-                              skip_bad_rows=config.data.skip_bad_rows)
-  if config.data.limit:
-    examples = examples[:config.data.limit]
-  batches = data_lib.make_train_iterator(
-      examples, tokenizer=setup.tokenizer, seq_len=config.train.seq_len,
-      global_batch_size=config.train.batch_size, seed=config.train.seed,
-      packing=config.data.packing, template=config.data.prompt_template,
-      strip_calculator=config.data.strip_calculator, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  batches = train_batches(config, setup.tokenizer)
   if config.train.batch_size % (mesh.shape['data'] * mesh.shape['fsdp']):
     raise ValueError(f'train.batch_size={config.train.batch_size} is not divisible by the '
                      f"data-parallel mesh size {mesh.shape['data'] * mesh.shape['fsdp']}")

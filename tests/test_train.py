@@ -68,11 +68,7 @@ def _train_steps(*, method: str, mesh: dict[str, int], state_dtype: str = 'float
   device_mesh = sharding.make_mesh(**config.mesh, devices=jax.devices()[:n])
   setup = _setup(config, with_lora=method == 'lora', mesh=device_mesh)
   parts = train_lib.build(config, setup, device_mesh)
-  d = config.data
-  batches = data_lib.make_train_iterator(
-      gsm8k.load_split(d.source, d.subset, d.train_split), tokenizer=setup.tokenizer,
-      seq_len=config.train.seq_len, global_batch_size=BATCH, seed=config.train.seed,
-      packing=d.packing, template=d.prompt_template, strip_calculator=d.strip_calculator)
+  batches = train_lib.train_batches(config, setup.tokenizer)
   out = {f'init/{k}': v for k, v in flat(parts.state['params']).items()}
   out.update({f'frozen/{k}': v for k, v in flat(parts.frozen).items()})
   all_params = lora.join(parts.frozen, parts.state['params'])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from gemma_sft_jax import checkpointing
+from gemma_sft_jax import gsm8k
 from gemma_sft_jax import metrics as metrics_lib
 from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import train as train_lib
@@ -185,6 +186,21 @@ def test_rerun_of_a_finished_run_says_so_and_keeps_its_record(reference_run, env
   assert outputs() == before
 
 
+def _assert_scored_from_predictions(result: dict, workdir: str, n: int) -> None:
+  """An evaluation's counts and accuracies are those of the predictions file it names."""
+  assert os.path.dirname(result['predictions']) == os.path.abspath(workdir)
+  with open(result['predictions']) as f:
+    rows = [json.loads(line) for line in f]
+  assert result['n'] == len(rows) == n
+  for kind in ('strict', 'flexible'):
+    correct = sum(row[f'correct_{kind}'] for row in rows)
+    assert result[f'{kind}_correct'] == correct and result[f'{kind}_accuracy'] == correct / n
+  for row in rows:  # Each verdict is the extracted answer checked against the gold one.
+    assert row['correct_strict'] == gsm8k.is_correct(row['extracted_strict'], row['gold'])
+    assert row['correct_flexible'] == gsm8k.is_correct(row['extracted_flexible'], row['gold'])
+    assert row['question'] in row['prompt']
+
+
 def test_end_to_end_loss_falls_and_outputs_are_written(reference_run):
   reference_run.succeed()
   workdir = reference_run.workdir
@@ -199,9 +215,12 @@ def test_end_to_end_loss_falls_and_outputs_are_written(reference_run):
 
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
+  train = results['train']
+  assert train['step'] == train['steps_run'] == _STEPS_CLI
+  assert train['final_loss'] == rows[-1]['loss']
+  assert train['tuning_method'] == 'full' and train['trainable_params'] == train['total_params']
   for label in ('base', 'sft'):
-    for key in ('strict_accuracy', 'flexible_accuracy'):
-      assert 0.0 <= results[label][key] <= 1.0, (label, key)
+    _assert_scored_from_predictions(results[label], workdir, n=2)
   assert os.path.isdir(os.path.join(workdir, 'final'))
   with open(os.path.join(workdir, 'final.json')) as f:
     final = json.load(f)
