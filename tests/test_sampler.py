@@ -72,6 +72,30 @@ def recorded_logits(monkeypatch):
   monkeypatch.undo()
 
 
+def test_a_generator_traces_once_for_batches_of_one_shape(monkeypatch):
+  """The decode program is kept on the Generator: a second batch of the same padded shape reuses
+  it, and another Generator traces its own."""
+  traces = []
+  choose = sampler._choose  # pylint: disable=protected-access
+
+  def counting(logits, rng, p):
+    traces.append(logits.shape)  # Runs while tracing only.
+    return choose(logits, rng, p)
+
+  monkeypatch.setattr(sampler, '_choose', counting)
+  model, params = _random_params(architecture.VARIANTS['tiny_gemma2'], seed=0)
+  sampling = sampler.SamplingParams(max_new_tokens=3)
+  generate = sampler.Generator(model, sampling=sampling, eos_id=NO_EOS)
+  first = generate(params, _prompts(model.config, (3, 9), seed=1))
+  traced = len(traces)
+  assert traced > 0
+  second = generate(params, _prompts(model.config, (5, 7), seed=2))
+  assert len(traces) == traced and len(first) == len(second) == 2
+  sampler.Generator(model, sampling=sampling, eos_id=NO_EOS)(
+      params, _prompts(model.config, (3, 9), seed=1))
+  assert len(traces) == 2 * traced
+
+
 def _full_forward_logits(model, params, prompts, generated):
   """No cache, no left padding: per row, the logits predicting each generated token [n, V].
 
