@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from gemma_sft_jax import pytree
 from gemma_sft_jax import quantization as quant
 from gemma_sft_jax.quantization import BLOCK_SIZE, QuantizedArray
 
@@ -203,10 +204,6 @@ def make_schedule(*, lr: float, min_lr: float, warmup_steps: int,
       end_value=min_lr)
 
 
-def _path_str(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator='/')
-
-
 def default_decay_mask(params: Any, *, decay_embeddings: bool = False) -> Any:
   """A bool tree: True where weight decay applies.
 
@@ -223,7 +220,7 @@ def default_decay_mask(params: Any, *, decay_embeddings: bool = False) -> Any:
     A tree like params with bool leaves.
   """
   def decays(path, p):
-    parts = _path_str(path).lower().split('/')
+    parts = pytree.path_name(path).lower().split('/')
     if len(p.shape) < 2 or any('norm' in s for s in parts):
       return False
     return decay_embeddings or not any('embed' in s for s in parts)
