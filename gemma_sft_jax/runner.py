@@ -48,10 +48,15 @@ class Interrupted(Exception):
 
 
 class _QuietLibraries(logging_std.Filter):
-  """Drops INFO chatter of orbax (it logs every save step by step); warnings still show."""
+  """Drops INFO chatter of libraries: orbax (it logs every save step by step) and JAX's backend
+  probing (an 'Unable to initialize backend tpu' line on every machine without one); their
+  warnings still show."""
+
+  _SOURCES = ('/orbax/', 'xla_bridge.py')
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
+    return record.levelno >= logging_std.WARNING or not any(
+        s in record.pathname for s in self._SOURCES)
 
 
 def compilation_cache_dir(env: dict[str, str] | None = None) -> str | None:

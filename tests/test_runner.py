@@ -3,6 +3,7 @@ off; the decode CLI says what it is doing at each start-up phase; the entry poin
 process, and the benchmark CLI writes its line."""
 
 import json
+import logging as logging_std
 import os
 import subprocess
 import sys
@@ -92,3 +93,16 @@ def test_benchmark_cli_appends_its_json_line(tmp_path):
   with open(out) as f:
     rows = [json.loads(line) for line in f]
   assert len(rows) == 1 and rows[0]['tag'] == 't' and rows[0]['tokens_per_s'] > 0
+
+
+def test_library_info_chatter_is_dropped_and_warnings_kept():
+  quiet = runner._QuietLibraries()  # pylint: disable=protected-access
+
+  def record(path, level):
+    return logging_std.LogRecord('x', level, path, 1, 'message', None, None)
+
+  for path in ('/site-packages/jax/_src/xla_bridge.py',
+               '/site-packages/orbax/checkpoint/checkpoint_manager.py'):
+    assert not quiet.filter(record(path, logging_std.INFO))
+    assert quiet.filter(record(path, logging_std.WARNING))
+  assert quiet.filter(record('/repo/gemma_sft_jax/train.py', logging_std.INFO))
