@@ -146,7 +146,7 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SI
   nb = num_blocks(n, block_size)
   xb = _blocks(x.astype(jnp.float32), block_size)
   if absmax is None:
-    absmax = jnp.max(jnp.abs(xb), axis=-1)
+    absmax = block_absmax(x, block_size=block_size)
   normed = xb / jnp.where(absmax > 0, absmax, 1.0)[..., None]
   index = nearest_code_index(normed, signed=signed)
   index = index.reshape(*lead, nb * block_size)[..., :n]
