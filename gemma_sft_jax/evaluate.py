@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
 from tqdm import auto as tqdm
@@ -78,11 +78,6 @@ def majority(votes: Sequence[str | None]) -> str | None:
   return next(v for v in counts if counts[v] == best)  # dicts keep first-seen order
 
 
-def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
-  for start in range(0, len(order), batch_size):
-    yield order[start:start + batch_size]
-
-
 def stop_sequences(tokenizer: Any) -> tuple[tuple[int, ...], ...]:
   """Token sequences that end decoding early (text-level truncation stays authoritative)."""
   seqs = {tuple(tokenizer.encode(s, add_special_tokens=False)) for s in gsm8k.STOP_STRINGS}
@@ -105,7 +100,7 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
     questions: the test examples.
     pool: exemplar pool for one/few-shot prompts (the train split).
     prompts: the prompt spec.
-    batch_size: prompts per decode batch (the last batch is padded to it, so shapes repeat).
+    batch_size: decode slots (a slot whose completion ended takes the next prompt).
     max_new_tokens: decode budget per question.
     predictions_path: where to write one JSON line per question (None: don't).
     batch_sharding: sharding of the [B, L] prompt batch (e.g. over the mesh's data axes).
@@ -127,18 +122,15 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
   stops = stop_sequences(tokenizer)
 
   def decode_all(sampling: sampler.SamplingParams, seed: int, desc: str) -> list[str]:
-    completions: list[str] = [''] * len(ids)
     generate = sampler.Generator(model, sampling=sampling, eos_id=tokenizer.eos_token_id)
     bar = tqdm.tqdm(total=len(ids), desc=desc, disable=not progress or jax.process_index() != 0)
-    for b, chunk in enumerate(_batches(order, batch_size)):
-      batch = [ids[i] for i in chunk]
-      batch += [batch[-1]] * (batch_size - len(batch))  # Same shapes every batch: one compile.
-      out = generate(params, batch, pad_id=tokenizer.pad_token_id or 0,
-                     batch_sharding=batch_sharding, seed=seed * 1_000_003 + b)
-      for i, tokens in zip(chunk, out):
-        completions[i] = tokenizer.decode(tokens, skip_special_tokens=True)
-      bar.update(len(chunk))
+    out = generate(params, [ids[i] for i in order], pad_id=tokenizer.pad_token_id or 0,
+                   batch_sharding=batch_sharding, seed=seed, batch_size=batch_size,
+                   on_done=bar.update)
     bar.close()
+    completions: list[str] = [''] * len(ids)
+    for i, tokens in zip(order, out):
+      completions[i] = tokenizer.decode(tokens, skip_special_tokens=True)
     return completions
 
   completions = decode_all(sampler.SamplingParams(max_new_tokens=max_new_tokens,

@@ -22,7 +22,9 @@ LoRA adds `lora_a` [D, R] and `lora_b` [R, ...out] beside a targeted `kernel` (s
 
 Attention masks are built from per-token `positions` and `segment_ids` (0 = padding), so the same
 code serves packed training rows (segments never see each other) and the KV-cached sampler.
-The KV cache is an explicit pytree passed in and returned: {'layer_i': {'k', 'v', 'pos', 'seg'}}.
+The KV cache is an explicit pytree passed in and returned: {'layer_i': {'k', 'v', 'pos', 'seg'}};
+a token goes to slot `position % slots`, so sliding-window layers may keep a ring of window size
+(`init_cache(ring=True)`, `write_cache`).
 
 With `scan_layers=True` the layers are one `nn.scan`: every `layer_{i}/...` leaf above becomes
 `layers/...` with a leading [L] axis (and the cache {'layers': {...}} likewise).
@@ -156,8 +158,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array,
-               cache: dict[str, Array] | None, cache_index: Array | None,
-               deterministic: bool, local: Array | None = None
+               cache: dict[str, Array] | None, deterministic: bool, local: Array | None = None
                ) -> tuple[Array, dict[str, Array] | None]:
     c = self.config
     n, k, h, d = c.num_heads, c.num_kv_heads, c.head_dim, c.embed_dim
@@ -181,16 +182,18 @@ class Attention(nn.Module):
     k_pos, k_seg = positions, segment_ids
     new_cache = None
     if cache is not None:
-      # Write this call's keys/values at slot `cache_index`, then attend over the whole cache.
-      idx = (0, cache_index, 0, 0)
-      new_cache = {
-          'k': jax.lax.dynamic_update_slice(cache['k'], key.astype(cache['k'].dtype), idx),
-          'v': jax.lax.dynamic_update_slice(cache['v'], val.astype(cache['v'].dtype), idx),
-          'pos': jax.lax.dynamic_update_slice(cache['pos'], positions.astype(jnp.int32), idx[:2]),
-          'seg': jax.lax.dynamic_update_slice(cache['seg'], segment_ids.astype(jnp.int32), idx[:2]),
-      }
-      key, val = new_cache['k'].astype(self.dtype), new_cache['v'].astype(self.dtype)
-      k_pos, k_seg = new_cache['pos'], new_cache['seg']
+      new_cache = write_cache(cache, key, val, positions, segment_ids)
+      if x.shape[1] == 1:
+        # One new token: the written cache holds every key it may see (the ring slot it took
+        # held a position a whole window back, which the mask would drop anyway).
+        parts = (new_cache,)
+      else:
+        # Several tokens (a prefill): what the cache held before them, then their own keys, so
+        # that writing into a ring does not drop keys the earlier of them still need.
+        parts = (cache, {'k': key, 'v': val, 'pos': positions, 'seg': segment_ids})
+      cat = lambda name, dtype: jnp.concatenate([p[name].astype(dtype) for p in parts], axis=1)
+      key, val = cat('k', self.dtype), cat('v', self.dtype)
+      k_pos, k_seg = cat('pos', jnp.int32), cat('seg', jnp.int32)
 
     q = q * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q.dtype)
     q = q.reshape(*q.shape[:2], k, n // k, h)  # [B, T, K, G, H]
@@ -244,12 +247,12 @@ class Block(nn.Module):
   out_sharding: Any = None  # Sharding constraint for the block's output (see Transformer).
 
   @nn.compact
-  def __call__(self, x, per_layer, positions, segment_ids, cache_index, deterministic):
+  def __call__(self, x, per_layer, positions, segment_ids, deterministic):
     local, cache = per_layer
     c, pd = self.config, self.param_dtype
     h = RMSNorm(c.rms_norm_eps, pd, name='pre_attention_norm')(x)
     h, new_cache = Attention(c, self.layer_type, self.dtype, pd, self.attn_lora, self.lora_spec,
-                             name='attn')(h, positions, segment_ids, cache, cache_index,
+                             name='attn')(h, positions, segment_ids, cache,
                                           deterministic, local)
     x = x + RMSNorm(c.rms_norm_eps, pd, name='post_attention_norm')(h)
     h = RMSNorm(c.rms_norm_eps, pd, name='pre_ffw_norm')(x)
@@ -317,7 +320,7 @@ class Transformer(nn.Module):
     if self.remat != 'none':
       # Under nn.scan the loop already keeps XLA from merging the recomputation back into the
       # forward pass, so the CSE barriers jax.checkpoint adds by default are not needed there.
-      block = nn.remat(Block, policy=remat_policy(self.remat), static_argnums=(6,),
+      block = nn.remat(Block, policy=remat_policy(self.remat), static_argnums=(5,),
                        prevent_cse=not self.scan_layers)
 
     def ranks(i):
@@ -334,7 +337,7 @@ class Transformer(nn.Module):
                          'model.scan_layers=False)')
       scanned = nn.scan(block, variable_axes={'params': 0},
                         split_rngs={'params': True, 'dropout': True},
-                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=c.num_layers)
       self.layers = scanned(c, None, self.dtype, self.param_dtype, *per_layer[0], self.lora,
                             self.activation_sharding, name='layers')
@@ -346,7 +349,7 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, cache: Cache | None = None,
-               cache_index: Array | None = None, *, deterministic: bool = True,
+               *, deterministic: bool = True,
                return_hidden: bool = False) -> tuple[Array, Cache | None]:
     """Runs the decoder.
 
@@ -354,9 +357,9 @@ class Transformer(nn.Module):
       tokens: [B, T] int token ids.
       positions: [B, T] RoPE positions (default 0..T-1); restart at 0 for each packed segment.
       segment_ids: [B, T] (default all ones); tokens attend only within their segment; 0 = padding.
-      cache: optional KV cache from `init_cache`; this call's keys/values are written at slot
-        `cache_index` (a scalar) and attention runs over every filled slot.
-      cache_index: the slot to write at when `cache` is given.
+      cache: optional KV cache from `init_cache`; this call's keys/values are written at the
+        slots of their positions (`write_cache`), and attention runs over the cache's filled
+        slots and this call's tokens.
       deterministic: False enables LoRA dropout (needs a 'dropout' rng).
       return_hidden: return the final-normed hidden states [B, T, D] instead of logits, for the
         chunked loss (loss.py), which never forms the full [B, T, V] logits.
@@ -375,13 +378,13 @@ class Transformer(nn.Module):
     if self.scan_layers:
       local = jnp.asarray([t == architecture.SLIDING for t in self.config.layer_types])
       x, stacked = self.layers(x, (local, cache['layers'] if cache is not None else None),
-                               positions, segment_ids, cache_index, deterministic)
+                               positions, segment_ids, deterministic)
       if cache is not None:
         new_cache['layers'] = stacked
     else:
       for i, layer in enumerate(self.layers):
         layer_cache = cache[f'layer_{i}'] if cache is not None else None
-        x, c = layer(x, (None, layer_cache), positions, segment_ids, cache_index, deterministic)
+        x, c = layer(x, (None, layer_cache), positions, segment_ids, deterministic)
         if cache is not None:
           new_cache[f'layer_{i}'] = c
     x = self.final_norm(x)
@@ -403,20 +406,67 @@ def output_logits(hidden: Array, embedding: Array, softcap: float | None) -> Arr
   return logits
 
 
+def write_cache(cache: dict[str, Array], key: Array, val: Array, positions: Array,
+                segment_ids: Array) -> dict[str, Array]:
+  """One layer's cache with this call's tokens written, each at slot `position % slots`.
+
+  Padding (segment 0) is not written. A cache shorter than the sequence is thus a ring that
+  holds the latest positions (a sliding-window layer's whole view when it has window-many
+  slots); of a call's tokens only those within `slots` of the row's last position are kept.
+  """
+  size = cache['k'].shape[1]
+  positions = positions.astype(jnp.int32)
+  slots = positions % size
+  if key.shape[1] == 1:  # A decode step: a per-row dynamic_update_slice (partitions by row).
+    put_row = lambda a, new, s: jax.lax.dynamic_update_slice_in_dim(a, new, s, axis=0)
+    put = lambda a, new: jax.vmap(put_row)(a, new.astype(a.dtype), slots[:, 0])
+  else:
+    last = jnp.max(jnp.where(segment_ids > 0, positions, -1), axis=1, keepdims=True)
+    slots = jnp.where((segment_ids > 0) & (positions > last - size), slots, size)  # size: dropped
+    rows = jnp.arange(key.shape[0])[:, None]
+    put = lambda a, new: a.at[rows, slots].set(new.astype(a.dtype), mode='drop')
+  return {'k': put(cache['k'], key), 'v': put(cache['v'], val),
+          'pos': put(cache['pos'], positions), 'seg': put(cache['seg'], segment_ids)}
+
+
+def cache_lengths(config: architecture.ModelConfig, length: int, *, ring: bool) -> list[int]:
+  """Slots per layer for a cache covering `length` tokens: with `ring`, sliding-window layers
+  keep only a window's worth (their keys further back are never attended again)."""
+  window = config.sliding_window
+  return [min(length, window) if ring and window and kind == architecture.SLIDING else length
+          for kind in config.layer_types]
+
+
 def init_cache(config: architecture.ModelConfig, batch_size: int, length: int,
-               dtype: Any = jnp.bfloat16, *, stacked: bool = False) -> Cache:
+               dtype: Any = jnp.bfloat16, *, stacked: bool = False, ring: bool = False) -> Cache:
   """An empty KV cache of `length` slots per layer (segment id 0 marks a slot as empty).
 
   `stacked` (for scan_layers models): one {'layers': ...} entry with a leading [L] axis.
+  `ring`: sliding-window layers get a ring of window size instead (unrolled layers only, as the
+  layers' caches then differ in length; see `cache_lengths`).
   """
-  lead = (config.num_layers,) if stacked else ()
-  k_shape = (*lead, batch_size, length, config.num_kv_heads, config.head_dim)
-  layer = lambda: {'k': jnp.zeros(k_shape, dtype), 'v': jnp.zeros(k_shape, dtype),
-                   'pos': jnp.zeros((*lead, batch_size, length), jnp.int32),
-                   'seg': jnp.zeros((*lead, batch_size, length), jnp.int32)}
+  if stacked and ring:
+    raise ValueError('a ring cache needs unrolled layers (its layers differ in length)')
+
+  def layer(lead, n):
+    k_shape = (*lead, batch_size, n, config.num_kv_heads, config.head_dim)
+    return {'k': jnp.zeros(k_shape, dtype), 'v': jnp.zeros(k_shape, dtype),
+            'pos': jnp.zeros((*lead, batch_size, n), jnp.int32),
+            'seg': jnp.zeros((*lead, batch_size, n), jnp.int32)}
+
   if stacked:
-    return {'layers': layer()}
-  return {f'layer_{i}': layer() for i in range(config.num_layers)}
+    return {'layers': layer((config.num_layers,), length)}
+  return {f'layer_{i}': layer((), n)
+          for i, n in enumerate(cache_lengths(config, length, ring=ring))}
+
+
+def unstack_layers(params: Any, num_layers: int) -> Any:
+  """A scanned model's parameters ('layers/...' with a leading [L] axis) as the unrolled
+  model's ('layer_{i}/...')."""
+  out = {k: v for k, v in params.items() if k != 'layers'}
+  for i in range(num_layers):
+    out[f'layer_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['layers'])
+  return out
 
 
 def param_shapes(model: Transformer) -> Any:

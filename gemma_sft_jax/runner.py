@@ -280,10 +280,10 @@ def for_decoding(setup: train_lib.Setup, params: Any) -> tuple[train_lib.Setup, 
 
 def decode_prompts(config: ml_collections.ConfigDict, setup: train_lib.Setup, params: Any,
                    prompts: Sequence[str], *, batch_size: int) -> list[str]:
-  """Completions of text prompts under the config's `decode` settings, `batch_size` at a time.
+  """Completions of text prompts under the config's `decode` settings, in `batch_size` slots.
 
-  Greedy when decode.temperature is 0; otherwise temperature / top-k / top-p sampling, each
-  batch seeded with train.seed plus the index of its first prompt.
+  Greedy when decode.temperature is 0; otherwise temperature / top-k / top-p sampling seeded
+  with train.seed.
   """
   d, tok = config.decode, setup.tokenizer
   sampling = sampler.SamplingParams(max_new_tokens=d.max_new_tokens, temperature=d.temperature,
@@ -291,11 +291,10 @@ def decode_prompts(config: ml_collections.ConfigDict, setup: train_lib.Setup, pa
   generate = sampler.Generator(setup.model, sampling=sampling, eos_id=tok.eos_token_id)
   logging.info('decoding %d prompt(s), up to %d new tokens each (the first batch compiles, or '
                'reads the compilation cache)', len(prompts), d.max_new_tokens)
-  completions = []
-  for start in range(0, len(prompts), batch_size):
-    ids = [data_lib.tokenize_prompt(p, tokenizer=tok) for p in prompts[start:start + batch_size]]
-    out = generate(params, ids, pad_id=tok.pad_token_id or 0, seed=config.train.seed + start)
-    completions += [tok.decode(o, skip_special_tokens=True) for o in out]
+  ids = [data_lib.tokenize_prompt(p, tokenizer=tok) for p in prompts]
+  out = generate(params, ids, pad_id=tok.pad_token_id or 0, seed=config.train.seed,
+                 batch_size=batch_size)
+  completions = [tok.decode(o, skip_special_tokens=True) for o in out]
   return completions
 
 

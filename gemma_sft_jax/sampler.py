@@ -1,23 +1,28 @@
-"""Batched sampling with an explicit KV cache: a jitted prefill, then a `lax.while_loop` decode.
+"""Batched sampling with an explicit KV cache: jitted prefills and a `lax.while_loop` decode.
 
-Prompts are left-padded to a bucketed length L (so a whole eval compiles a handful of times, not
-once per batch); padding has segment id 0, which the attention mask keeps out. The cache holds
-L + max_new_tokens slots. Decoding stops per row at EOS or at a stop sequence (token level, an
-early exit only: callers still cut completions at their stop strings in text), and the loop ends
-when every row is done.
+A `Generator` decodes a fixed number of slots and keeps them busy: a slot whose completion ended
+(EOS, a stop sequence or the token budget) is handed the next prompt, prefilled into that slot
+alone, while the others keep decoding. Prompts are left-padded to one bucketed length (so a whole
+evaluation compiles a prefill and a decode program once); padding has segment id 0, which the
+attention mask keeps out. A token prefix all prompts share (a few-shot prompt's exemplars) is
+prefilled once and copied into each slot. Each slot's cache holds prefix + prompt bucket +
+max_new_tokens slots, except that sliding-window layers keep a ring of window size when that is
+shorter. Stop sequences are an early exit only: callers still cut completions at their stop
+strings in text.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_sft_jax import architecture
 from gemma_sft_jax import model as model_lib
 
 
@@ -68,55 +73,126 @@ def _ends_with(out, length, seq):
   return (length >= n) & jnp.all(tail == jnp.asarray(seq, jnp.int32)[None, :], axis=1)
 
 
-def _generate(model: model_lib.Transformer, params: Any, tokens: jax.Array, segment_ids: jax.Array,
-              rng: jax.Array, *, sampling: SamplingParams, eos_id: int):
-  p = sampling
-  b, length = tokens.shape
-  positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0).astype(jnp.int32)
-  cache = model_lib.init_cache(model.config, b, length + p.max_new_tokens, model.dtype,
-                               stacked=model.scan_layers)
-  hidden, cache = model.apply({'params': params}, tokens, positions, segment_ids, cache=cache,
-                              cache_index=0, return_hidden=True)
-  embedding = params['embedder']['embedding']
-  head = lambda h: model_lib.output_logits(h, embedding, model.config.final_logit_softcap)
-  rng, sub = jax.random.split(rng)
-  first = _choose(head(hidden[:, -1]), sub, p)
+def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+  """Length of the token prefix every prompt shares, leaving each at least one token of its own
+  (a few-shot evaluation's exemplars, prefilled once instead of once per question)."""
+  first, n = prompts[0], min(len(p) for p in prompts) - 1
+  for p in prompts[1:]:
+    n = next((i for i in range(n) if p[i] != first[i]), n)
+  return max(n, 0)
 
-  out = jnp.zeros((b, p.max_new_tokens), jnp.int32).at[:, 0].set(first)
-  lengths = jnp.ones((b,), jnp.int32)
-  done = first == eos_id
+
+def _rows_axis(model: model_lib.Transformer) -> int:
+  return 1 if model.scan_layers else 0  # Stacked caches lead with the layer axis.
+
+
+def _prefill(model, params, tokens, segments, cache, start):
+  """Runs `tokens` [R, T] (left-padded, segment 0 = padding) into `cache`, their positions
+  counted from `start`: (last hidden state [R, D], new cache)."""
+  positions = jnp.maximum(start + jnp.cumsum(segments, axis=1) - 1, 0).astype(jnp.int32)
+  hidden, cache = model.apply({'params': params}, tokens, positions, segments, cache=cache,
+                              return_hidden=True)
+  return hidden[:, -1], cache
+
+
+def _head(model, params, hidden):
+  return model_lib.output_logits(hidden, params['embedder']['embedding'],
+                                 model.config.final_logit_softcap)
+
+
+def _prefix_cache(model, params, tokens, *, length: int, ring: bool):
+  """The shared prefix [1, P] prefilled into a one-row cache of `length` slots."""
+  cache = model_lib.init_cache(model.config, 1, length, model.dtype, stacked=model.scan_layers,
+                               ring=ring)
+  return _prefill(model, params, tokens, jnp.ones_like(tokens), cache, 0)[1]
+
+
+def _stopped(out, lengths, token, p: SamplingParams, eos_id: int):
+  done = (token == eos_id) | (lengths >= p.max_new_tokens)
   for seq in p.stop_sequences:
     done |= _ends_with(out, lengths, seq)
-  state = dict(i=jnp.int32(1), token=first, pos=positions[:, -1] + 1, cache=cache, out=out,
-               lengths=lengths, done=done, rng=rng)
+  return done
+
+
+def _admit(model, params, state, prefix, tokens, segments, rows, rng, *, sampling, eos_id,
+           prefix_len: int, ring: bool):
+  """Prefills prompts (or their suffixes after the shared prefix) [R, T] into decode slots `rows`
+  [R] (index B = a padding row, dropped) and chooses each one's first token."""
+  p = sampling
+  r, t = tokens.shape
+  if prefix is None:
+    length = state['out'].shape[1] + t
+    cache = model_lib.init_cache(model.config, r, length, model.dtype, stacked=model.scan_layers,
+                                 ring=ring)
+  else:
+    axis = _rows_axis(model)
+    cache = jax.tree.map(lambda a: jnp.repeat(a, r, axis=axis), prefix)
+  hidden, cache = _prefill(model, params, tokens, segments, cache, prefix_len)
+  first = _choose(_head(model, params, hidden), rng, p)
+  out = jnp.zeros((r, p.max_new_tokens), jnp.int32).at[:, 0].set(first)
+  lengths = jnp.ones((r,), jnp.int32)
+  positions = prefix_len + jnp.sum(segments, axis=1)
+  new = dict(token=first, pos=positions.astype(jnp.int32), out=out, lengths=lengths, done=_stopped(out, lengths, first, p, eos_id))
+  put = lambda big, small, axis=0: big.at[(slice(None),) * axis + (rows,)].set(small, mode='drop')
+  state = dict(state, **{k: put(state[k], v) for k, v in new.items()})
+  state['cache'] = jax.tree.map(functools.partial(put, axis=_rows_axis(model)), state['cache'],
+                                cache)
+  return state
+
+
+def _decode(model, params, state, live, want, rng, *, sampling, eos_id):
+  """Decodes every slot one token at a time until `want` live slots are done (or all are)."""
+  p = sampling
+  b = live.shape[0]
 
   def cond(s):
-    return (s['i'] < p.max_new_tokens) & ~jnp.all(s['done'])
+    finished = jnp.sum(s['done'] & live)
+    return (finished < want) & jnp.any(live & ~s['done'])
 
   def body(s):
     hidden, cache = model.apply({'params': params}, s['token'][:, None], s['pos'][:, None],
                                 jnp.ones((b, 1), jnp.int32), cache=s['cache'],
-                                cache_index=length + s['i'] - 1, return_hidden=True)
+                                return_hidden=True)
     rng, sub = jax.random.split(s['rng'])
-    token = _choose(head(hidden[:, 0]), sub, p)
-    token = jnp.where(s['done'], 0, token)
-    out = s['out'].at[:, s['i']].set(token)
-    lengths = s['lengths'] + (~s['done']).astype(jnp.int32)
-    done = s['done'] | (token == eos_id)
-    for seq in p.stop_sequences:
-      done |= _ends_with(out, lengths, seq)
-    return dict(i=s['i'] + 1, token=token, pos=s['pos'] + 1, cache=cache, out=out,
-                lengths=lengths, done=done, rng=rng)
+    token = _choose(_head(model, params, hidden[:, 0]), sub, p)
+    going = ~s['done']
+    token = jnp.where(going, token, 0)
+    out = s['out'].at[jnp.arange(b), s['lengths']].set(token, mode='drop')
+    lengths = s['lengths'] + going.astype(jnp.int32)
+    step = going.astype(jnp.int32)
+    return dict(token=token, pos=s['pos'] + step, cache=cache, out=out,
+                lengths=lengths, done=s['done'] | _stopped(out, lengths, token, p, eos_id),
+                rng=rng)
 
-  state = jax.lax.while_loop(cond, body, state)
-  return state['out'], state['lengths']
+  state = jax.lax.while_loop(cond, body, dict(state, rng=rng))
+  del state['rng']
+  return state
+
+
+def _empty_state(model, *, slots: int, length: int, ring: bool, max_new_tokens: int):
+  return dict(token=jnp.zeros((slots,), jnp.int32), pos=jnp.zeros((slots,), jnp.int32),
+              out=jnp.zeros((slots, max_new_tokens), jnp.int32),
+              lengths=jnp.zeros((slots,), jnp.int32), done=jnp.ones((slots,), bool),
+              cache=model_lib.init_cache(model.config, slots, length, model.dtype,
+                                         stacked=model.scan_layers, ring=ring))
+
+
+def _host(x):
+  if not x.is_fully_addressable:  # Rows split over several processes: every one gets all.
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
 
 
 class Generator:
-  """Completions from one model under fixed sampling settings, batch after batch.
+  """Completions from one model under fixed sampling settings.
 
-  The prefill and decode loop are jitted once per generator and compiled once per padded batch
-  shape, so build one generator for a run of batches (each new generator traces afresh).
+  The decode batch is a set of slots kept full: when a quarter of them have finished, their
+  completions are collected and the next prompts are prefilled into them, so no slot decodes for
+  a row that is already done while prompts wait. Prompts that share a token prefix (few-shot
+  exemplars) prefill it once. When the cache must outgrow the sliding window, sliding-window
+  layers keep a ring of window size (the layers are then run unrolled, as their caches differ in
+  length). Prefill and decode are jitted once per generator and compiled once per shape, so
+  build one generator for a run of calls (each new generator traces afresh).
   """
 
   def __init__(self, model: model_lib.Transformer, *, sampling: SamplingParams, eos_id: int):
@@ -127,38 +203,137 @@ class Generator:
       sampling: greedy when temperature is 0; else temperature / top-k / top-p sampling.
       eos_id: the token that ends a completion.
     """
-    self.eos_id = eos_id
-    self._run = jax.jit(functools.partial(_generate, model, sampling=sampling, eos_id=eos_id))
+    self.model, self.sampling, self.eos_id = model, sampling, eos_id
+    self._jitted: dict[Any, Any] = {}
+
+  def _programs(self, ring: bool):
+    """(model, jitted prefix / admit / decode / empty state) for ring or full caches."""
+    if ring not in self._jitted:
+      model = self.model.clone(scan_layers=False) if ring else self.model
+      kw = dict(sampling=self.sampling, eos_id=self.eos_id)
+      self._jitted[ring] = (
+          model,
+          jax.jit(functools.partial(_prefix_cache, model, ring=ring), static_argnames='length'),
+          jax.jit(functools.partial(_admit, model, ring=ring, **kw),
+                  static_argnames='prefix_len', donate_argnames='state'),
+          jax.jit(functools.partial(_decode, model, **kw), donate_argnames='state'),
+          jax.jit(functools.partial(_empty_state, model, ring=ring,
+                                    max_new_tokens=self.sampling.max_new_tokens),
+                  static_argnames=('slots', 'length')))
+    return self._jitted[ring]
 
   def __call__(self, params: Any, prompts: Sequence[Sequence[int]], *, pad_id: int = 0,
                seed: int = 0, batch_sharding: jax.sharding.Sharding | None = None,
-               min_bucket: int = 32) -> list[list[int]]:
+               min_bucket: int = 32, batch_size: int | None = None,
+               on_done: Callable[[int], None] | None = None) -> list[list[int]]:
     """Generates a completion (token ids, without EOS) for every tokenised prompt.
 
     Args:
       params: the model's parameters (any sharding).
-      prompts: token ids per prompt, BOS included; one batch (callers split large sets).
+      prompts: token ids per prompt, BOS included.
       pad_id: the id written into left padding.
       seed: sampling seed.
-      batch_sharding: where to put the [B, L] prompt arrays (e.g. split over data axes).
+      batch_sharding: where to put [slots, ...] arrays (e.g. split over data axes).
       min_bucket: the smallest padded prompt length.
+      batch_size: decode slots (default: one per prompt).
+      on_done: called with the number of prompts just completed, for progress output.
 
     Returns:
-      One list of generated ids per prompt, cut before EOS.
+      One list of generated ids per prompt, in prompt order, cut before EOS.
     """
-    length = bucket(max(len(x) for x in prompts), min_bucket)
-    tokens = np.full((len(prompts), length), pad_id, np.int32)
-    segments = np.zeros((len(prompts), length), np.int32)
-    for i, ids in enumerate(prompts):
-      tokens[i, length - len(ids):] = ids
-      segments[i, length - len(ids):] = 1
-    tokens, segments = jnp.asarray(tokens), jnp.asarray(segments)
-    if batch_sharding is not None:
-      tokens, segments = jax.device_put((tokens, segments), batch_sharding)
-    out, lengths = self._run(params, tokens, segments, jax.random.key(seed))
-    if not out.is_fully_addressable:  # Rows split over several processes: every one gets all.
-      out, lengths = multihost_utils.process_allgather((out, lengths), tiled=True)
-    return [_cut(row[:n], self.eos_id) for row, n in zip(np.asarray(out), np.asarray(lengths))]
+    p, c = self.sampling, self.model.config
+    n = len(prompts)
+    if not n:
+      return []
+    slots = batch_size or n
+    shared = common_prefix(prompts) if n > 1 else 0
+    shared = shared if shared >= min_bucket else 0
+    t = bucket(max(len(x) for x in prompts) - shared, min_bucket)
+    length = shared + t + p.max_new_tokens
+    ring = bool(c.sliding_window and architecture.SLIDING in c.layer_types
+                and length > c.sliding_window)
+    model, prefix_fn, admit, decode, empty = self._programs(ring)
+    if ring and self.model.scan_layers:
+      params = model_lib.unstack_layers(params, c.num_layers)
+    refill = max(1, slots // 4)
+
+    put = functools.partial(_shard, batch_sharding)
+    prefix = None
+    if shared:
+      prefix = prefix_fn(params, jnp.asarray([prompts[0][:shared]], jnp.int32), length=length)
+    state = empty(slots=slots, length=length)
+    if batch_sharding is not None and slots % _shards(batch_sharding) == 0:
+      state = jax.device_put(state, _state_sharding(state, batch_sharding, model))
+    rng = jax.random.key(seed)
+    live = np.zeros((slots,), bool)
+    owner = np.full((slots,), -1)
+    results: list[list[int]] = [[] for _ in range(n)]
+    queue = list(range(n))
+
+    def admit_into(free: list[int], rows_per_call: int):
+      nonlocal state, rng
+      for i in range(0, len(free), rows_per_call):
+        rows = free[i:i + rows_per_call]
+        take, queue[:] = queue[:len(rows)], queue[len(rows):]
+        rows = rows[:len(take)]
+        tokens = np.full((rows_per_call, t), pad_id, np.int32)
+        segments = np.zeros((rows_per_call, t), np.int32)
+        for j, k in enumerate(take):
+          ids = prompts[k][shared:]
+          tokens[j, t - len(ids):] = ids
+          segments[j, t - len(ids):] = 1
+        index = np.full((rows_per_call,), slots, np.int32)  # Padding rows: dropped.
+        index[:len(rows)] = rows
+        rng, sub = jax.random.split(rng)
+        state = admit(params, state, prefix, *put(tokens, segments), jnp.asarray(index), sub,
+                      prefix_len=shared)
+        live[rows], owner[rows] = True, take
+        if not queue:
+          return
+
+    admit_into(list(range(slots)), slots)
+    while live.any():
+      want = min(refill, int(live.sum())) if queue else int(live.sum())
+      rng, sub = jax.random.split(rng)
+      state = decode(params, state, jnp.asarray(live), jnp.int32(want), sub)
+      done, lengths = _host(state['done']), _host(state['lengths'])
+      finished = np.flatnonzero(done & live)
+      out = _host(state['out'])
+      for r in finished:
+        results[owner[r]] = _cut(out[r, :lengths[r]], self.eos_id)
+      live[finished], owner[finished] = False, -1
+      if on_done is not None and len(finished):
+        on_done(len(finished))
+      if queue and len(finished):
+        admit_into([int(r) for r in np.flatnonzero(~live)], refill)
+    return results
+
+
+def _shard(sharding, *arrays):
+  arrays = tuple(jnp.asarray(a) for a in arrays)
+  if sharding is None or any(a.shape[0] % _shards(sharding) for a in arrays):
+    return arrays
+  return jax.device_put(arrays, sharding)
+
+
+def _shards(sharding) -> int:
+  spec = getattr(sharding, 'spec', None)
+  if not spec or spec[0] is None:
+    return 1
+  names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+  return int(np.prod([sharding.mesh.shape[a] for a in names]))
+
+
+def _state_sharding(state, batch_sharding, model):
+  """Shards every decode-state array over its slot axis the way `batch_sharding` splits rows."""
+  if not isinstance(batch_sharding, jax.sharding.NamedSharding):
+    return jax.tree.map(lambda _: batch_sharding, state)
+  rows = batch_sharding.spec[0] if batch_sharding.spec else None
+  spec = lambda axis: jax.sharding.NamedSharding(
+      batch_sharding.mesh, jax.sharding.PartitionSpec(*(None,) * axis, rows))
+  out = {k: spec(0) for k in state if k != 'cache'}
+  out['cache'] = jax.tree.map(lambda _: spec(_rows_axis(model)), state['cache'])
+  return out
 
 
 def _cut(row: np.ndarray, eos_id: int) -> list[int]:

@@ -57,9 +57,12 @@ class FakeGenerate:
     self.calls = []
 
   def __call__(self, model, params, prompts, *, sampling, eos_id, pad_id=0, seed=0,
-               batch_sharding=None, min_bucket=32):
+               batch_sharding=None, min_bucket=32, batch_size=None, on_done=None):
     self.calls.append({'prompts': [list(p) for p in prompts], 'sampling': sampling,
-                       'eos_id': eos_id, 'pad_id': pad_id, 'params': params})
+                       'eos_id': eos_id, 'pad_id': pad_id, 'params': params,
+                       'batch_size': batch_size})
+    if on_done is not None:
+      on_done(len(prompts))
     out = []
     for ids in prompts:
       assert ids[0] == TOK.bos_token_id
@@ -106,8 +109,9 @@ def test_scoring_and_predictions_file(tmp_path, monkeypatch):
                 for q in questions]
   assert result['prompt_tokens_mean'] == np.mean([len(x) for x in prompt_ids])
 
-  # Greedy, the tokenizer's EOS, the stop strings as tokens; every batch padded to batch_size.
-  assert [len(c['prompts']) for c in fake.calls] == [4, 4]
+  # Greedy, the tokenizer's EOS, the stop strings as tokens; all prompts in one call that
+  # decodes them through batch_size slots.
+  assert [(len(c['prompts']), c['batch_size']) for c in fake.calls] == [(6, 4)]
   for call in fake.calls:
     s = call['sampling']
     assert (s.temperature, s.max_new_tokens, call['eos_id']) == (0.0, 48, TOK.eos_token_id)
@@ -115,7 +119,7 @@ def test_scoring_and_predictions_file(tmp_path, monkeypatch):
     assert tuple(TOK.encode('\n\nQuestion:')) in s.stop_sequences
   sent = [p for c in fake.calls for p in c['prompts']]
   assert all(p in sent for p in prompt_ids)
-  assert sent[:6] == sorted(prompt_ids, key=len)  # Sorted by length: little padding per batch.
+  assert sent == sorted(prompt_ids, key=len)  # Sorted by length.
 
   rows = _read_jsonl(path)
   assert len(rows) == 6
@@ -185,7 +189,7 @@ def test_batch_size_does_not_change_completions(tmp_path):
       params)
   questions = gsm8k.load_split(SAMPLE, 'main', 'test')[:7]
   results, rows = {}, {}
-  for batch_size in (3, 8):  # 3 + 3 + 1 (padded to 3), or one batch of 7 padded to 8.
+  for batch_size in (3, 8):  # 3 slots that take the next question as they finish, or 8.
     path = str(tmp_path / f'b{batch_size}.jsonl')
     results[batch_size] = evaluate.evaluate_gsm8k(
         model=model, params=params, tokenizer=TOK, questions=questions, pool=[],
@@ -217,7 +221,7 @@ def test_self_consistency_maj_and_pass_at_k(tmp_path, monkeypatch):
   calls = []
 
   def fake(model, params, prompts, *, sampling, eos_id, pad_id=0, seed=0, batch_sharding=None,
-           min_bucket=32):
+           min_bucket=32, batch_size=None, on_done=None):
     calls.append((sampling.temperature, sampling.top_p, seed))
     out = []
     for ids in prompts:
@@ -225,7 +229,7 @@ def test_self_consistency_maj_and_pass_at_k(tmp_path, monkeypatch):
       if sampling.temperature == 0:
         out.append(TOK.encode(' #### 1'))
       else:
-        out.append(TOK.encode(sampled[question][1][seed // 1_000_003 - 10]))
+        out.append(TOK.encode(sampled[question][1][seed - 10]))
     return out
 
   monkeypatch.setattr(sampler, 'Generator', _generator_of(fake))

@@ -112,13 +112,13 @@ def _decode_stepwise(model, params, tokens, cache, *, prefill):
   Jitted (one compile for the prefill, one for every step): op by op, each of the model's
   primitives would compile on its own.
   """
-  logits, cache = jax.jit(lambda p, x, c: model.apply({'params': p}, x, cache=c, cache_index=0))(
+  logits, cache = jax.jit(lambda p, x, c: model.apply({'params': p}, x, cache=c))(
       params, tokens[:, :prefill], cache)
-  step = jax.jit(lambda p, x, pos, c, i: model.apply({'params': p}, x, pos, cache=c, cache_index=i))
+  step = jax.jit(lambda p, x, pos, c: model.apply({'params': p}, x, pos, cache=c))
   steps = [logits]
   for t in range(prefill, tokens.shape[1]):
     pos = jnp.full((tokens.shape[0], 1), t, jnp.int32)
-    logits, cache = step(params, tokens[:, t:t + 1], pos, cache, jnp.int32(t))
+    logits, cache = step(params, tokens[:, t:t + 1], pos, cache)
     steps.append(logits)
   return jnp.concatenate(steps, axis=1)
 
@@ -134,6 +134,49 @@ def test_cache_matches_full_forward():
     cache = model_lib.init_cache(config, 2, 16, jnp.float32)
     np.testing.assert_allclose(_decode_stepwise(model, params, tokens, cache, prefill=6), full,
                                atol=1e-4)
+
+
+def test_ring_cache_matches_full_forward_past_the_window():
+  """Sliding-window layers with a ring of window size (7 slots for 30 tokens) give the full
+  forward's logits: a prefill longer than the window, a second multi-token chunk that wraps the
+  ring, then one-token steps."""
+  config = architecture.VARIANTS['tiny_gemma3']
+  assert config.sliding_window == 7 and architecture.SLIDING in config.layer_types
+  model = model_lib.Transformer(config)
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 30)))
+  params = model.init(jax.random.key(1), tokens)['params']
+  full, _ = model.apply({'params': params}, tokens)
+  cache = model_lib.init_cache(config, 2, 30, jnp.float32, ring=True)
+  lengths = {c['k'].shape[1] for c in cache.values()}
+  assert lengths == {7, 30}
+  call = jax.jit(lambda p, x, pos, c: model.apply({'params': p}, x, pos, cache=c))
+  steps = []
+  for lo, hi in ((0, 11), (11, 16)) + tuple((t, t + 1) for t in range(16, 30)):
+    pos = jnp.broadcast_to(jnp.arange(lo, hi, dtype=jnp.int32), (2, hi - lo))
+    logits, cache = call(params, tokens[:, lo:hi], pos, cache)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4)
+
+
+def test_cache_writes_each_token_at_its_position_modulo_the_slots():
+  """Rows of a decode batch at different positions write at their own slots (wrapping in a ring);
+  a prefill skips its padding and keeps only the positions a ring of its length can hold."""
+  config = architecture.VARIANTS['tiny_gemma2']
+  cache = model_lib.init_cache(config, 3, 8, jnp.float32)['layer_0']
+  kv = lambda b, t: jnp.arange(b * t, dtype=jnp.float32).reshape(b, t, 1, 1) * jnp.ones(
+      (1, 1, *cache['k'].shape[2:]))
+  step = model_lib.write_cache(cache, kv(3, 1), kv(3, 1), jnp.asarray([[4], [0], [15]]),
+                               jnp.ones((3, 1), jnp.int32))
+  assert list(zip(*np.asarray(step['seg']).nonzero())) == [(0, 4), (1, 0), (2, 7)]  # 15 % 8
+  assert np.asarray(step['k'])[2, 7, 0, 0] == 2 and np.asarray(step['pos'])[2, 7] == 15
+  # Row 0: 2 padding tokens then positions 0..9 (the ring keeps 2..9); row 1: positions 0..11.
+  seg = jnp.asarray([[0, 0] + [1] * 10, [1] * 12])
+  pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+  two = jax.tree.map(lambda a: a[:2], cache)
+  pre = model_lib.write_cache(two, kv(2, 12), kv(2, 12), pos, seg)
+  np.testing.assert_array_equal(np.asarray(pre['pos']), [[8, 9, 2, 3, 4, 5, 6, 7],
+                                                         [8, 9, 10, 11, 4, 5, 6, 7]])
+  assert np.asarray(pre['k'])[0, 2, 0, 0] == 4  # Position 2 of row 0 is its token 4.
 
 
 def test_remat_gives_same_gradients():

@@ -7,6 +7,7 @@ are recorded with an ordered debug callback around `sampler._choose`.
 """
 
 import dataclasses
+import itertools
 import json
 import os
 import socket
@@ -135,6 +136,75 @@ def test_cached_decode_equals_full_forward(name, recorded_logits):
           f'cached vs full logits max abs diff {diff:.1e}')
     assert diff <= 1e-4  # Every logit, not only the chosen one.
   assert len({t for row in out for t in row}) > 3  # A degenerate model would prove little.
+
+
+def test_common_prefix():
+  assert sampler.common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+  # Every prompt keeps at least its last token (it gives the first logits).
+  assert sampler.common_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+  assert sampler.common_prefix([[1], [1, 2]]) == 0
+  assert sampler.common_prefix([[5, 1], [4, 1]]) == 0
+
+
+def _one_at_a_time(model, params, prompts, sampling, eos_id):
+  generate = sampler.Generator(model, sampling=sampling, eos_id=eos_id)
+  return [generate(params, [p])[0] for p in prompts]
+
+
+@pytest.mark.parametrize('name,shared', [('tiny_gemma2', 0), ('tiny_gemma3', 0),
+                                          ('tiny_gemma3', 40)])
+def test_refilled_slots_match_one_prompt_at_a_time(name, shared):
+  """Seven prompts through 2 decode slots (finished slots take the next prompt; with `shared`
+  tokens in common the prefix is prefilled once) give the same greedy completions as each
+  prompt alone. EOS is a token the model emits, so completions end at different steps."""
+  config = architecture.VARIANTS[name]
+  model, params = _random_params(config, seed=3)
+  rng = np.random.default_rng(5)
+  prefix = [BOS] + rng.integers(3, config.vocab_size, size=shared).tolist()
+  prompts = [prefix + rng.integers(3, config.vocab_size, size=n).tolist()
+             for n in (2, 11, 5, 19, 1, 8, 14)]
+  assert (sampler.common_prefix(prompts) >= 32) == bool(shared)
+  sampling = sampler.SamplingParams(max_new_tokens=10)
+  free = _one_at_a_time(model, params, prompts, sampling, NO_EOS)
+  # EOS and two one-token stop sequences: the emitted tokens that end the completions at the most
+  # different steps (tiny random models repeat themselves, so one token would end most alike).
+  first = lambda v: [row.index(v) if v in row else 10 for row in free]
+  ends = lambda vs: len(set(map(min, zip(*map(first, vs)))))
+  eos, *stops = max(itertools.combinations(sorted({v for row in free for v in row}), 3), key=ends)
+  sampling = dataclasses.replace(sampling, stop_sequences=tuple((v,) for v in stops))
+  want = _one_at_a_time(model, params, prompts, sampling, eos)
+  assert len({len(w) for w in want}) > 2, want
+  finished = []
+  got = sampler.Generator(model, sampling=sampling, eos_id=eos)(
+      params, prompts, batch_size=2, on_done=finished.append)
+  assert got == want
+  assert sum(finished) == len(prompts) and len(finished) > 2
+
+
+def test_ring_cache_is_used_past_the_window_only(monkeypatch):
+  """The sampler gives sliding-window layers a ring only when the cache outgrows the window,
+  and then runs a scanned model's layers unrolled (their caches differ in length)."""
+  made = []
+  init = model_lib.init_cache
+
+  def recording(config, batch, length, dtype=jnp.bfloat16, **kw):
+    made.append((length, kw.get('ring'), kw.get('stacked')))
+    return init(config, batch, length, dtype, **kw)
+
+  monkeypatch.setattr(model_lib, 'init_cache', recording)
+  config = dataclasses.replace(architecture.VARIANTS['tiny_gemma3'], sliding_window=40)
+  model, params = _random_params(config, seed=0)
+  scanned = model_lib.Transformer(config, scan_layers=True)
+  stacked = {k: v for k, v in params.items() if not k.startswith('layer_')}
+  stacked['layers'] = jax.tree.map(lambda *x: jnp.stack(x),
+                                   *[params[f'layer_{i}'] for i in range(config.num_layers)])
+  prompts = _prompts(config, (3, 9))
+  for new_tokens, ring in ((8, False), (9, True)):  # 32-token bucket + 8 = 40 slots: no ring.
+    made.clear()
+    sampling = sampler.SamplingParams(max_new_tokens=new_tokens)
+    got = sampler.generate(scanned, stacked, prompts, eos_id=NO_EOS, sampling=sampling)
+    assert {m[1] for m in made} == {ring} and {m[2] for m in made} == {not ring}
+    assert got == sampler.generate(model, params, prompts, eos_id=NO_EOS, sampling=sampling)
 
 
 def test_bucket():
