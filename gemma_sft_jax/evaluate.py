@@ -20,6 +20,7 @@ from tqdm import auto as tqdm
 
 from gemma_sft_jax import data as data_lib
 from gemma_sft_jax import gsm8k
+from gemma_sft_jax import metrics as metrics_lib
 from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import sampler
 
@@ -111,8 +112,8 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
 
   Returns:
     {'strategy', 'num_shots', 'n', 'strict_correct', 'flexible_correct', 'strict_accuracy',
-     'flexible_accuracy', 'seconds', 'prompt_tokens_mean', 'lm_eval': {'strict_match',
-     'flexible_extract'}}; the lm_eval fractions are the means of the predictions file's
+     'flexible_accuracy', 'seconds', 'compile_seconds' (XLA compilation within 'seconds'),
+     'prompt_tokens_mean', 'lm_eval': {'strict_match', 'flexible_extract'}}; the lm_eval fractions are the means of the predictions file's
      `lm_eval_correct_*` fields.
   """
   t0 = time.time()
@@ -121,12 +122,15 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
   order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
   stops = stop_sequences(tokenizer)
 
+  compiling = metrics_lib.CompileTimer()
+
   def decode_all(sampling: sampler.SamplingParams, seed: int, desc: str) -> list[str]:
     generate = sampler.Generator(model, sampling=sampling, eos_id=tokenizer.eos_token_id)
     bar = tqdm.tqdm(total=len(ids), desc=desc, disable=not progress or jax.process_index() != 0)
-    out = generate(params, [ids[i] for i in order], pad_id=tokenizer.pad_token_id or 0,
-                   batch_sharding=batch_sharding, seed=seed, batch_size=batch_size,
-                   on_done=bar.update)
+    with compiling:
+      out = generate(params, [ids[i] for i in order], pad_id=tokenizer.pad_token_id or 0,
+                     batch_sharding=batch_sharding, seed=seed, batch_size=batch_size,
+                     on_done=bar.update)
     bar.close()
     completions: list[str] = [''] * len(ids)
     for i, tokens in zip(order, out):
@@ -177,7 +181,8 @@ def evaluate_gsm8k(*, model: model_lib.Transformer, params: Any, tokenizer: Any,
           prompts.strategy == 'few_shot' else int(prompts.strategy == 'one_shot'),
           'n': n, 'strict_correct': strict, 'flexible_correct': flexible,
           'strict_accuracy': strict / max(n, 1), 'flexible_accuracy': flexible / max(n, 1),
-          'seconds': time.time() - t0, 'prompt_tokens_mean': sum(map(len, ids)) / max(n, 1),
+          'seconds': time.time() - t0, 'compile_seconds': compiling.seconds,
+          'prompt_tokens_mean': sum(map(len, ids)) / max(n, 1),
           # What lm-evaluation-harness's gsm8k task scores for these completions (gsm8k.py).
           'lm_eval': {k: sum(r[f'lm_eval_correct_{k}'] for r in rows) / max(n, 1)
                       for k in gsm8k.LM_EVAL_FILTERS},

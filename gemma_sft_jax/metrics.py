@@ -99,6 +99,27 @@ def device_memory(device: Any = None) -> int | None:
   return int(stats['peak_bytes_in_use'])
 
 
+class CompileTimer:
+  """Sums the seconds XLA spends compiling while it is active (`with CompileTimer() as t:`;
+  then `t.seconds`). Programs read from the persistent compilation cache do not count."""
+
+  EVENT = '/jax/core/compile/backend_compile_duration'
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def _listen(self, event: str, seconds: float, **_) -> None:
+    if event == self.EVENT:
+      self.seconds += seconds
+
+  def __enter__(self) -> 'CompileTimer':
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
 def _to_json_value(key: str, value: Any) -> Any:
   if isinstance(value, (bool, str)) or value is None:
     return value
