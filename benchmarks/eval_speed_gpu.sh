@@ -6,7 +6,8 @@
 #       OLD_TREE (a checkout of an earlier gemma_sft_jax) also the earlier evaluator, for before/after
 #   benchmarks/eval_speed_gpu.sh sft GGUF OUTDIR RUNDIR
 #       a fine-tune in RUNDIR (trained here first if RUNDIR/final is missing): our 0/8-shot
-#       evaluations, its `export --format=hf`, and transformers on that export
+#       evaluations, its `export --format=hf`, and transformers on that export (its 0-shot on
+#       GPU 1 beside ours, its 8-shot on GPU 0 after ours)
 # Each evaluation's JSON (seconds, compile_seconds, accuracies, lm_eval) and predictions land in
 # OUTDIR/<name>/; transformers appends JSON lines to OUTDIR/hf_generate.jsonl; logs in OUTDIR/*.log.
 set -uo pipefail
@@ -20,23 +21,23 @@ ours() {  # ours NAME ARGS...: one evaluation on GPU 0
   CUDA_VISIBLE_DEVICES=0 python3 -m gemma_sft_jax.eval $CFG "$@" > "$OUT/$name.log" 2>&1
   echo "$name rc=$? wall_s=$(python3 -c "print(round($(date +%s.%N) - $t0, 1))")" | tee -a "$OUT/wall.txt"
 }
-hf() {  # hf MODEL NAME ARGS...: transformers generate on GPU 1
-  local model=$1 name=$2; shift 2
-  CUDA_VISIBLE_DEVICES=1 python3 benchmarks/hf_generate.py --model="$model" --batch=128 \
+hf() {  # hf GPU MODEL NAME ARGS...: transformers generate
+  local gpu=$1 model=$2 name=$3; shift 3
+  CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/hf_generate.py --model="$model" --batch=128 \
       --max_new_tokens=256 --output="$OUT/hf_generate.jsonl" --predictions="$OUT/hf_$name.jsonl" \
       "$@" > "$OUT/hf_$name.log" 2>&1
   echo "hf_$name rc=$?" | tee -a "$OUT/wall.txt"
 }
 if [ "$MODE" = base ]; then
-  (hf "$GGUF" base_0shot; hf "$GGUF" base_8shot --strategy=few_shot --num_shots=8) &
+  (hf 1 "$GGUF" base_0shot; hf 1 "$GGUF" base_8shot --strategy=few_shot --num_shots=8) &
   ours base_0shot --base --workdir="$OUT/base_0shot"
   ours base_8shot --base --workdir="$OUT/base_8shot" $FEW
   # The same evaluations again in new processes: the compilation cache is now warm.
   ours base_0shot_warm --base --workdir="$OUT/base_0shot_warm"
   ours base_8shot_warm --base --workdir="$OUT/base_8shot_warm" $FEW
   if [ -n "$EXTRA" ]; then
-    PYTHONPATH=$EXTRA ours before_base_0shot --base --workdir="$OUT/before_base_0shot"
-    PYTHONPATH=$EXTRA ours before_base_8shot --base --workdir="$OUT/before_base_8shot" $FEW
+    PYTHONPATH=$EXTRA:${PYTHONPATH:-} ours before_base_0shot --base --workdir="$OUT/before_base_0shot"
+    PYTHONPATH=$EXTRA:${PYTHONPATH:-} ours before_base_8shot --base --workdir="$OUT/before_base_8shot" $FEW
   fi
   wait
 else
@@ -52,9 +53,11 @@ else
       --config=configs/gemma3.py:size=270m,method=full --config.model.checkpoint="$GGUF" \
       --workdir="$RUN" --format=hf --output="$RUN/hf" --dtype=bfloat16 > "$OUT/export.log" 2>&1
   echo "export rc=$?" | tee -a "$OUT/wall.txt"
-  (hf "$RUN/hf" sft_0shot; hf "$RUN/hf" sft_8shot --strategy=few_shot --num_shots=8) &
+  # transformers 0-shot on GPU 1 while ours run on GPU 0; then transformers 8-shot on GPU 0.
+  hf 1 "$RUN/hf" sft_0shot &
   ours sft_0shot --workdir="$RUN"
   ours sft_8shot --workdir="$RUN" $FEW
+  hf 0 "$RUN/hf" sft_8shot --strategy=few_shot --num_shots=8
   wait
   cp "$RUN"/eval_*.json "$RUN"/predictions_* "$RUN"/results.json "$RUN"/metrics.jsonl "$OUT"/ 2>/dev/null
 fi

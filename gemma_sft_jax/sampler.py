@@ -187,8 +187,8 @@ class Generator:
   """Completions from one model under fixed sampling settings.
 
   The decode batch is a set of slots kept full: when a quarter of them have finished, their
-  completions are collected and the next prompts are prefilled into them, so no slot decodes for
-  a row that is already done while prompts wait. Prompts that share a token prefix (few-shot
+  completions are collected and the next prompts are prefilled into them (a quarter of the slots,
+  or 16, at a time), so no slot decodes for a row that is already done while prompts wait. Prompts that share a token prefix (few-shot
   exemplars) prefill it once. When the cache must outgrow the sliding window, sliding-window
   layers keep a ring of window size (the layers are then run unrolled, as their caches differ in
   length). Prefill and decode are jitted once per generator and compiled once per shape, so
@@ -255,7 +255,11 @@ class Generator:
     model, prefix_fn, admit, decode, empty = self._programs(ring)
     if ring and self.model.scan_layers:
       params = model_lib.unstack_layers(params, c.num_layers)
+    # Back to the host once a quarter of the slots have finished; prompts are prefilled up to
+    # `admit` at a time (a quarter of the slots, or all of a small batch): each prefill holds a
+    # full-length cache for its rows until they join the batch, so not all slots at once.
     refill = max(1, slots // 4)
+    admit_rows = min(slots, max(16, slots // 4))
 
     put = functools.partial(_shard, batch_sharding)
     prefix = None
@@ -291,7 +295,7 @@ class Generator:
         if not queue:
           return
 
-    admit_into(list(range(slots)), slots)
+    admit_into(list(range(slots)), admit_rows)
     while live.any():
       want = min(refill, int(live.sum())) if queue else int(live.sum())
       rng, sub = jax.random.split(rng)
@@ -305,7 +309,7 @@ class Generator:
       if on_done is not None and len(finished):
         on_done(len(finished))
       if queue and len(finished):
-        admit_into([int(r) for r in np.flatnonzero(~live)], refill)
+        admit_into([int(r) for r in np.flatnonzero(~live)], admit_rows)
     return results
 
 
