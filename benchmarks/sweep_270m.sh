@@ -20,7 +20,7 @@ while read -r name method overrides; do
   ( CUDA_VISIBLE_DEVICES=$gpu XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m gemma_sft_jax.main \
       --config=configs/gemma3.py:size=270m,method=$method --config.model.checkpoint="$GGUF" \
       --config.eval.run_base=false --config.train.seed="$SEED" $overrides \
-      --workdir="$OUT/$name" > "$OUT/$name/$name.log" 2>&1
+      --workdir="$OUT/$name" > "$OUT/$name/$name.log" 2>&1 < /dev/null
     echo "$name gpu=$gpu rc=$?" ) &
   i=$(( i + 1 ))
   if (( i % (PER * NGPU) == 0 )); then wait; fi
