@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_sft_jax import gsm8k
 from gemma_sft_jax import pytree
+from gemma_sft_jax.evaluation import gsm8k
 
 # Parity needs full-precision matmuls on CPU too.
 jax.config.update('jax_default_matmul_precision', 'highest')

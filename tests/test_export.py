@@ -26,18 +26,18 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import checkpoints
-from gemma_sft_jax import data as data_lib
-from gemma_sft_jax import export_formats
-from gemma_sft_jax import exporters
-from gemma_sft_jax import gguf_file
-from gemma_sft_jax import model as model_lib
-from gemma_sft_jax import peft_adapters
 from gemma_sft_jax import pytree
 from gemma_sft_jax import runner
-from gemma_sft_jax import sharding
-from gemma_sft_jax import tokenizer as tokenizer_lib
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import sharding
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.training import data as data_lib
+from gemma_sft_jax.weights import export_formats
+from gemma_sft_jax.weights import exporters
+from gemma_sft_jax.weights import gguf_file
+from gemma_sft_jax.weights import loading as checkpoints
+from gemma_sft_jax.weights import peft_adapters
+from gemma_sft_jax.weights import tokenizer as tokenizer_lib
 from tests.conftest import ROOT, cli_env, tiny_config, write_hf_checkpoint
 
 PROMPTS = ['Question: What is 2 + 2?\nAnswer:',

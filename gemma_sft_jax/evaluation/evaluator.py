@@ -18,10 +18,10 @@ from typing import Any, Iterator, Sequence
 import jax
 from tqdm import auto as tqdm
 
-from gemma_sft_jax import data as data_lib
-from gemma_sft_jax import gsm8k
-from gemma_sft_jax import model as model_lib
-from gemma_sft_jax import sampler
+from gemma_sft_jax.evaluation import gsm8k
+from gemma_sft_jax.evaluation import sampler
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.training import data as data_lib
 
 
 @dataclasses.dataclass(frozen=True)
