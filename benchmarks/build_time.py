@@ -29,9 +29,9 @@ def measure(layers: int, method: str, scanned: bool, state_dtype: str) -> dict:
   """One case, in this process."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from gemma_sft_jax import architecture  # pylint: disable=g-import-not-at-top
-  from gemma_sft_jax import sharding  # pylint: disable=g-import-not-at-top
-  from gemma_sft_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from gemma_sft_jax.model import architecture  # pylint: disable=g-import-not-at-top
+  from gemma_sft_jax.model import sharding  # pylint: disable=g-import-not-at-top
+  from gemma_sft_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(_ROOT, 'configs'))
   import gemma2  # pylint: disable=g-import-not-at-top
 

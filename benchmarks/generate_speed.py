@@ -23,15 +23,15 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from gemma_sft_jax import data as data_lib
-from gemma_sft_jax import evaluate
-from gemma_sft_jax import gsm8k
-from gemma_sft_jax import metrics as metrics_lib
 from gemma_sft_jax import runner
-from gemma_sft_jax import sampler
-from gemma_sft_jax import sharding
-from gemma_sft_jax import tokenizer as tokenizer_lib
-from gemma_sft_jax import train as train_lib
+from gemma_sft_jax.evaluation import evaluator as evaluate
+from gemma_sft_jax.evaluation import gsm8k
+from gemma_sft_jax.evaluation import sampler
+from gemma_sft_jax.model import sharding
+from gemma_sft_jax.training import data as data_lib
+from gemma_sft_jax.training import metrics as metrics_lib
+from gemma_sft_jax.training import train as train_lib
+from gemma_sft_jax.weights import tokenizer as tokenizer_lib
 
 _GIB = 2 ** 30
 

@@ -57,7 +57,7 @@ import torch
 import transformers
 
 # Gemma 2 sizes from the published config.json of google/gemma-2-2b and google/gemma-2-9b (the same
-# numbers as VARIANTS['gemma2_2b'/'gemma2_9b'] in gemma_sft_jax/architecture.py). Shared by all
+# numbers as VARIANTS['gemma2_2b'/'gemma2_9b'] in gemma_sft_jax/model/architecture.py). Shared by all
 # of them: vocab 256000, head_dim 256, attention/final logit softcaps 50/30, sliding window 4096 on
 # every other layer (starting with the first), RoPE base 10000, RMSNorm eps 1e-6, GELU (tanh),
 # tied embeddings. `tiny` is a small random Gemma 2 for CPU tests; its window 8 is shorter than

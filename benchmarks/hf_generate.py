@@ -1,7 +1,7 @@
 r"""transformers `generate` baseline for the GSM8K evaluation, the reference that
 `python -m gemma_sft_jax.eval` is compared against.
 
-The same questions, prompts and scoring as gemma_sft_jax's evaluation (`gemma_sft_jax.gsm8k`:
+The same questions, prompts and scoring as gemma_sft_jax's evaluation (`gemma_sft_jax.evaluation.gsm8k`:
 prompt formats, few-shot exemplars, stop strings, strict / flexible answers and lm-eval's two
 filters), generated the way a transformers user would: the tokenizer with left padding, batches
 in file order, greedy `model.generate(..., stop_strings=...)`. It needs torch and transformers
@@ -29,7 +29,7 @@ import os
 import sys
 import time
 
-from gemma_sft_jax import gsm8k
+from gemma_sft_jax.evaluation import gsm8k
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -126,7 +126,7 @@ def main(argv=None) -> None:
 
   rows = []
   for example, prompt, completion in zip(test, prompts, completions):
-    # Scored as gemma_sft_jax.evaluate scores: on the completion cut at the first stop string.
+    # Scored as gemma_sft_jax.evaluation.evaluator scores: on the completion cut at the first stop string.
     answer = gsm8k.truncate_completion(completion)
     s, f = gsm8k.extract_strict(answer), gsm8k.extract_flexible(answer)
     lm = {k: gsm8k.lm_eval_extract(answer, k) for k in gsm8k.LM_EVAL_FILTERS}

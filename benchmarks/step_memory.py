@@ -27,7 +27,12 @@ def main() -> None:
   sys.path.insert(0, os.path.abspath(args.root))
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from gemma_sft_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  import gemma_sft_jax  # pylint: disable=g-import-not-at-top
+  try:  # pylint: disable=g-import-not-at-top
+    from gemma_sft_jax.model import sharding
+    from gemma_sft_jax.training import train
+  except ImportError:  # A --root revision from before the sub-packages.
+    from gemma_sft_jax import sharding, train
 
   path, _, arg = args.config.partition(':')
   spec = importlib.util.spec_from_file_location('run_config', os.path.join(args.root, path))
@@ -48,7 +53,7 @@ def main() -> None:
   m = parts.step_fn.lower(parts.state, parts.frozen, batch).compile().memory_analysis()
   gib = 2 ** 30
   print(json.dumps({
-      'config': args.config, 'package': os.path.relpath(os.path.dirname(train.__file__)),
+      'config': args.config, 'package': os.path.relpath(os.path.dirname(gemma_sft_jax.__file__)),
       'tag': args.tag, 'model': config.model.variant,
       'method': config.tuning_method, 'batch': b, 'seq_len': t, 'remat': config.model.remat,
       'state_dtype': config.optim.state_dtype, 'device': jax.devices()[0].device_kind,

@@ -20,8 +20,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from gemma_sft_jax import optimizer
-from gemma_sft_jax import update as update_lib
+from gemma_sft_jax.training import optimizer
+from gemma_sft_jax.training import update as update_lib
 
 
 def main() -> None:

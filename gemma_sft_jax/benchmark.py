@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from gemma_sft_jax import metrics as metrics_lib
 from gemma_sft_jax import runner
-from gemma_sft_jax import sharding
-from gemma_sft_jax import train as train_lib
+from gemma_sft_jax.model import sharding
+from gemma_sft_jax.training import metrics as metrics_lib
+from gemma_sft_jax.training import train as train_lib
 
 _GIB = 2 ** 30
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from gemma_sft_jax import gsm8k
+from gemma_sft_jax.evaluation import gsm8k
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -16,10 +16,10 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from gemma_sft_jax import data as data_lib
 from gemma_sft_jax import runner
-from gemma_sft_jax import sharding
 from gemma_sft_jax import validation
+from gemma_sft_jax.model import sharding
+from gemma_sft_jax.training import data as data_lib
 
 def _define_flags():
   """This entry point's flags, defined when it runs (`runner.run`)."""

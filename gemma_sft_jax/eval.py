@@ -18,11 +18,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from gemma_sft_jax import evaluate
 from gemma_sft_jax import runner
-from gemma_sft_jax import sharding
-from gemma_sft_jax import train as train_lib
 from gemma_sft_jax import validation
+from gemma_sft_jax.evaluation import evaluator as evaluate
+from gemma_sft_jax.model import sharding
+from gemma_sft_jax.training import train as train_lib
 
 def _define_flags():
   """This entry point's flags, defined when it runs (`runner.run`)."""

@@ -18,9 +18,9 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from gemma_sft_jax import exporters
 from gemma_sft_jax import runner
 from gemma_sft_jax import validation
+from gemma_sft_jax.weights import exporters
 
 def _define_flags():
   """This entry point's flags, defined when it runs (`runner.run`)."""

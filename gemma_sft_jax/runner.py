@@ -22,18 +22,18 @@ from absl import logging
 import jax
 import ml_collections
 
-from gemma_sft_jax import checkpointing
-from gemma_sft_jax import data as data_lib
-from gemma_sft_jax import evaluate
-from gemma_sft_jax import gsm8k
-from gemma_sft_jax import lora
-from gemma_sft_jax import model as model_lib
-from gemma_sft_jax import peft_adapters
-from gemma_sft_jax import resume
-from gemma_sft_jax import sampler
-from gemma_sft_jax import sharding
-from gemma_sft_jax import train as train_lib
 from gemma_sft_jax import validation
+from gemma_sft_jax.evaluation import evaluator as evaluate
+from gemma_sft_jax.evaluation import gsm8k
+from gemma_sft_jax.evaluation import sampler
+from gemma_sft_jax.model import lora
+from gemma_sft_jax.model import sharding
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.training import checkpointing
+from gemma_sft_jax.training import data as data_lib
+from gemma_sft_jax.training import resume
+from gemma_sft_jax.training import train as train_lib
+from gemma_sft_jax.weights import peft_adapters
 
 # Errors that mean "the input is wrong": reported in one line, exit status 2. KeyError is not
 # one of them: a missing key is a bug, and its traceback should show.

@@ -19,13 +19,13 @@ from typing import Any, Callable, Sequence
 import jax
 import ml_collections
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import checkpoints
-from gemma_sft_jax import gsm8k
-from gemma_sft_jax import metrics
-from gemma_sft_jax import model as model_lib
-from gemma_sft_jax import optimizer
-from gemma_sft_jax import sharding
+from gemma_sft_jax.evaluation import gsm8k
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import sharding
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.training import metrics
+from gemma_sft_jax.training import optimizer
+from gemma_sft_jax.weights import loading as checkpoints
 
 COMMANDS = ('main', 'eval', 'decode', 'export')
 _DTYPES = ('float32', 'bfloat16')

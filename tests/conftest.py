@@ -1,5 +1,6 @@
 """Shared test fixtures and helpers: tiny random Gemma checkpoints written by transformers, the real
-270M GGUF, the tiny run config, the environment of CLI subprocesses, and bitwise comparison."""
+270M GGUF, the runs the export tests read, the tiny run config, the environment of CLI
+subprocesses, and bitwise comparison."""
 
 import importlib.util
 import os
@@ -8,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_sft_jax import gsm8k
 from gemma_sft_jax import pytree
+from gemma_sft_jax.evaluation import gsm8k
 
 # Parity needs full-precision matmuls on CPU too.
 jax.config.update('jax_default_matmul_precision', 'highest')
@@ -53,6 +54,15 @@ def gemma3_270m_transformers(gemma3_270m_gguf):
       os.path.dirname(gemma3_270m_gguf), gguf_file=os.path.basename(gemma3_270m_gguf),
       dtype=torch.float32)
   return model.eval()
+
+
+@pytest.fixture(scope='session')
+def export_runs(tmp_path_factory):
+  """Tiny runs trained, exported in every format and decoded through the CLIs, once for
+  test_export_hf.py, test_export_peft.py and test_export_gguf.py (tests/export_helpers.py)."""
+  # Imported here, not at the top: it imports torch, which most test files do without.
+  from tests import export_helpers  # pylint: disable=g-import-not-at-top
+  return export_helpers.build_runs(str(tmp_path_factory.mktemp('export')))
 
 
 @pytest.fixture(scope='session')

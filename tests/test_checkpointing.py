@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_sft_jax import checkpointing
+from gemma_sft_jax.training import checkpointing
 
 
 class _Moments(NamedTuple):  # Like an optax state: NamedTuples must survive the round trip.
@@ -170,8 +170,8 @@ _OTHER_MESH_SCRIPT = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
-from gemma_sft_jax import checkpointing
-from gemma_sft_jax.sharding import make_mesh
+from gemma_sft_jax.model.sharding import make_mesh
+from gemma_sft_jax.training import checkpointing
 
 assert jax.device_count() == 8, jax.devices()
 workdir = sys.argv[1]

@@ -11,11 +11,11 @@ import pytest
 import safetensors.numpy
 import torch
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import checkpoints
-from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import pytree
-from gemma_sft_jax import tokenizer as tokenizer_lib
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.weights import loading as checkpoints
+from gemma_sft_jax.weights import tokenizer as tokenizer_lib
 from tests.conftest import write_hf_checkpoint
 
 CONFIG = architecture.VARIANTS['tiny_gemma3']

@@ -16,13 +16,13 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_sft_jax import data as data_lib
-from gemma_sft_jax import lora
-from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import pytree
 from gemma_sft_jax import runner
-from gemma_sft_jax import sampler
-from gemma_sft_jax import sharding
+from gemma_sft_jax.evaluation import sampler
+from gemma_sft_jax.model import lora
+from gemma_sft_jax.model import sharding
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.training import data as data_lib
 from tests.conftest import ROOT, cli_env, tiny_config
 
 PROMPTS = [

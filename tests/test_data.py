@@ -1,4 +1,4 @@
-"""Tests for gemma_sft_jax.data: masks, packing, shuffling, resumable per-process batches."""
+"""Tests for gemma_sft_jax.training.data: masks, packing, shuffling, resumable per-process batches."""
 
 import json
 import logging
@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_sft_jax import data
-from gemma_sft_jax import gsm8k
-from gemma_sft_jax import tokenizer as tokenizer_lib
+from gemma_sft_jax.evaluation import gsm8k
+from gemma_sft_jax.training import data
+from gemma_sft_jax.weights import tokenizer as tokenizer_lib
 
 BOS, EOS, PAD = 2, 1, 0
 TOK = tokenizer_lib.load_tokenizer('byte')
@@ -236,7 +236,8 @@ def test_to_global_array_shards_rows_over_4_cpu_devices():
   # A fresh interpreter: the device count is fixed when JAX starts.
   code = textwrap.dedent('''
     import numpy as np, jax
-    from gemma_sft_jax import data, tokenizer
+    from gemma_sft_jax.training import data
+    from gemma_sft_jax.weights import tokenizer
     from tests.test_data import _toy_examples
     assert len(jax.devices()) == 4
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))

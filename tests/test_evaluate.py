@@ -13,15 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import data as data_lib
-from gemma_sft_jax import evaluate
-from gemma_sft_jax import gsm8k
-from gemma_sft_jax import model as model_lib
-from gemma_sft_jax import sampler
-from gemma_sft_jax import tokenizer as tokenizer_lib
+from gemma_sft_jax.evaluation import evaluator as evaluate
+from gemma_sft_jax.evaluation import gsm8k
+from gemma_sft_jax.evaluation import sampler
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.training import data as data_lib
+from gemma_sft_jax.weights import tokenizer as tokenizer_lib
 
-SAMPLE = os.path.join(os.path.dirname(evaluate.__file__), 'assets', 'gsm8k_sample')
+SAMPLE = os.path.join(os.path.dirname(os.path.dirname(evaluate.__file__)), 'assets', 'gsm8k_sample')
 TOK = tokenizer_lib.ByteTokenizer()
 
 # question -> (gold, completion the fake model gives, strict correct, flexible correct)

@@ -7,11 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import checkpoints
-from gemma_sft_jax import gguf_file
-from gemma_sft_jax import model as model_lib
-from gemma_sft_jax import tokenizer as tokenizer_lib
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.weights import gguf_file
+from gemma_sft_jax.weights import loading as checkpoints
+from gemma_sft_jax.weights import tokenizer as tokenizer_lib
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 

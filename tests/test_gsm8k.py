@@ -1,11 +1,11 @@
-"""Tests for gemma_sft_jax.gsm8k: extraction, normalisation, formats, few-shot prompts, loading."""
+"""Tests for gemma_sft_jax.evaluation.gsm8k: extraction, normalisation, formats, few-shot prompts, loading."""
 
 import json
 import logging
 
 import pytest
 
-from gemma_sft_jax import gsm8k
+from gemma_sft_jax.evaluation import gsm8k
 
 # (text, strict, flexible)
 EXTRACTION_CASES = [

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import export_formats
-from gemma_sft_jax import gsm8k
-from gemma_sft_jax import tokenizer as tokenizer_lib
+from gemma_sft_jax.evaluation import gsm8k
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.weights import export_formats
+from gemma_sft_jax.weights import tokenizer as tokenizer_lib
 from tests.conftest import ROOT, tiny_config, write_hf_checkpoint
 
 _SCRIPT = os.path.join(ROOT, 'benchmarks', 'hf_generate.py')

@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from gemma_sft_jax import loss
-from gemma_sft_jax import model
+from gemma_sft_jax.model import loss
+from gemma_sft_jax.model import transformer as model
 
 # Prime-ish sizes ease shape tracing; V = 391 = 17 · 23 has divisors to chunk by.
 B, T, D, V = 3, 7, 13, 391

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_sft_jax import metrics
+from gemma_sft_jax.training import metrics
 
 
 def _rows(workdir):

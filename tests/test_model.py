@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import checkpoints
-from gemma_sft_jax import lora
-from gemma_sft_jax import model as model_lib
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import lora
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.weights import loading as checkpoints
 from tests.conftest import write_hf_checkpoint
 
 # Tiny architectures chosen to exercise every Gemma feature: prime sizes, GQA with one and with

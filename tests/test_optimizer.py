@@ -1,4 +1,4 @@
-"""Tests for gemma_sft_jax.optimizer: AdamW parity, memory, schedule, state sharding on an 8-device
+"""Tests for gemma_sft_jax.training.optimizer: AdamW parity, memory, schedule, state sharding on an 8-device
 CPU mesh (the 8-bit format: test_quantization.py; the fused update and bf16 rounding:
 test_update.py).
 
@@ -18,8 +18,8 @@ import numpy as np
 import optax
 import pytest
 
-from gemma_sft_jax import optimizer as opt
-from gemma_sft_jax import quantization as quant
+from gemma_sft_jax.training import optimizer as opt
+from gemma_sft_jax.training import quantization as quant
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -220,7 +220,7 @@ def _gemma2_9b_shapes(layout: str):
   if layout == 'flat':  # the brief's [d, N*H] layout
     attn = {'q_proj': {'kernel': s(d, n * h)}, 'k_proj': {'kernel': s(d, k * h)},
             'v_proj': {'kernel': s(d, k * h)}, 'o_proj': {'kernel': s(n * h, d)}}
-  else:  # model.py's einsum layout
+  else:  # transformer.py's einsum layout
     attn = {'q_proj': {'kernel': s(d, n, h)}, 'k_proj': {'kernel': s(d, k, h)},
             'v_proj': {'kernel': s(d, k, h)}, 'o_proj': {'kernel': s(n, h, d)}}
   layer = {'attn': attn,
@@ -304,9 +304,9 @@ def test_schedule_errors_name_the_field():
 _SHARDING_SCRIPT = textwrap.dedent('''
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from gemma_sft_jax import optimizer as opt
-    from gemma_sft_jax import quantization as quant
-    from gemma_sft_jax import update as update_lib
+    from gemma_sft_jax.training import optimizer as opt
+    from gemma_sft_jax.training import quantization as quant
+    from gemma_sft_jax.training import update as update_lib
 
     assert jax.device_count() == 8, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ('fsdp', 'tensor'))

@@ -1,4 +1,4 @@
-"""The 8-bit blockwise format of the optimizer moments (gemma_sft_jax.quantization): the dynamic
+"""The 8-bit blockwise format of the optimizer moments (gemma_sft_jax.training.quantization): the dynamic
 maps, the nearest code, round-trip error bounds, zeros and padding."""
 
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_sft_jax import quantization as quant
+from gemma_sft_jax.training import quantization as quant
 
 
 # ---- 1. The 8-bit format. -----------------------------------------------------------------------

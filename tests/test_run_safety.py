@@ -12,9 +12,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gemma_sft_jax import checkpointing
-from gemma_sft_jax import resume
-from gemma_sft_jax import train as train_lib
+from gemma_sft_jax.training import checkpointing
+from gemma_sft_jax.training import resume
+from gemma_sft_jax.training import train as train_lib
 from tests.conftest import ROOT, tiny_config
 
 _ARG = 'family=gemma2'

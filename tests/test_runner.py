@@ -105,4 +105,4 @@ def test_library_info_chatter_is_dropped_and_warnings_kept():
                '/site-packages/orbax/checkpoint/checkpoint_manager.py'):
     assert not quiet.filter(record(path, logging_std.INFO))
     assert quiet.filter(record(path, logging_std.WARNING))
-  assert quiet.filter(record('/repo/gemma_sft_jax/train.py', logging_std.INFO))
+  assert quiet.filter(record('/repo/gemma_sft_jax/training/train.py', logging_std.INFO))

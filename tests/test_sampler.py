@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import checkpoints
-from gemma_sft_jax import data as data_lib
-from gemma_sft_jax import evaluate
-from gemma_sft_jax import gsm8k
-from gemma_sft_jax import model as model_lib
-from gemma_sft_jax import sampler
-from gemma_sft_jax import tokenizer as tokenizer_lib
+from gemma_sft_jax.evaluation import evaluator as evaluate
+from gemma_sft_jax.evaluation import gsm8k
+from gemma_sft_jax.evaluation import sampler
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.training import data as data_lib
+from gemma_sft_jax.weights import loading as checkpoints
+from gemma_sft_jax.weights import tokenizer as tokenizer_lib
 from tests.conftest import write_hf_checkpoint
 
 NO_EOS = -1  # An id no model emits: every row runs for max_new_tokens.
@@ -448,7 +448,8 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent("""
     jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                                process_id=int(sys.argv[2]))
     import jax.numpy as jnp
-    from gemma_sft_jax import architecture, model as model_lib, sampler, sharding
+    from gemma_sft_jax.evaluation import sampler
+    from gemma_sft_jax.model import architecture, sharding, transformer as model_lib
     config = dataclasses.replace(architecture.VARIANTS['tiny_gemma3'], num_layers=2,
                                  layer_types=(architecture.SLIDING, architecture.GLOBAL))
     model = model_lib.Transformer(config)

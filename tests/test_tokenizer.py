@@ -7,9 +7,10 @@ import shutil
 
 import pytest
 
-from gemma_sft_jax import tokenizer as tokenizer_lib
+from gemma_sft_jax.weights import tokenizer as tokenizer_lib
 
-SAMPLE = os.path.join(os.path.dirname(tokenizer_lib.__file__), 'assets', 'gsm8k_sample')
+SAMPLE = os.path.join(os.path.dirname(os.path.dirname(tokenizer_lib.__file__)), 'assets',
+                      'gsm8k_sample')
 
 
 def test_byte_tokenizer_round_trip():

@@ -14,14 +14,14 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import data as data_lib
-from gemma_sft_jax import gsm8k
-from gemma_sft_jax import lora
-from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import pytree
-from gemma_sft_jax import sharding
-from gemma_sft_jax import train as train_lib
+from gemma_sft_jax.evaluation import gsm8k
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import lora
+from gemma_sft_jax.model import sharding
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.training import data as data_lib
+from gemma_sft_jax.training import train as train_lib
 from tests.conftest import ROOT, assert_bitwise_equal, flat, tiny_config
 
 STEPS = 3

@@ -14,11 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from gemma_sft_jax import checkpointing
-from gemma_sft_jax import gsm8k
-from gemma_sft_jax import metrics as metrics_lib
-from gemma_sft_jax import model as model_lib
-from gemma_sft_jax import train as train_lib
+from gemma_sft_jax.evaluation import gsm8k
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.training import checkpointing
+from gemma_sft_jax.training import metrics as metrics_lib
+from gemma_sft_jax.training import train as train_lib
 from tests.conftest import ROOT, assert_bitwise_equal, flat, tiny_config
 
 # ---- The CLI end to end. ----------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The fused training update (gemma_sft_jax.update) against the optimizer chain, and the
-stochastic rounding of bf16 params it writes with (gemma_sft_jax.rounding)."""
+"""The fused training update (gemma_sft_jax.training.update) against the optimizer chain, and the
+stochastic rounding of bf16 params it writes with (gemma_sft_jax.training.rounding)."""
 
 import math
 
@@ -9,9 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from gemma_sft_jax import optimizer as opt
-from gemma_sft_jax import rounding
-from gemma_sft_jax import update as update_lib
+from gemma_sft_jax.training import optimizer as opt
+from gemma_sft_jax.training import rounding
+from gemma_sft_jax.training import update as update_lib
 
 
 # ---- 5. bf16 params: stochastic rounding. -------------------------------------------------------

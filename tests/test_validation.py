@@ -13,11 +13,11 @@ import sys
 
 import pytest
 
-from gemma_sft_jax import gsm8k
 from gemma_sft_jax import report
 from gemma_sft_jax import runner
-from gemma_sft_jax import train as train_lib
 from gemma_sft_jax import validation
+from gemma_sft_jax.evaluation import gsm8k
+from gemma_sft_jax.training import train as train_lib
 from tests.conftest import ROOT, tiny_config
 
 _LORA = {'tuning_method': 'lora'}

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from gemma_sft_jax import architecture
+from gemma_sft_jax.model import architecture
 
 Array = jax.Array
 Cache = dict[str, dict[str, Array]]

@@ -34,18 +34,18 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import checkpointing
-from gemma_sft_jax import checkpoints
-from gemma_sft_jax import export_formats
-from gemma_sft_jax import gguf_file
-from gemma_sft_jax import lora
-from gemma_sft_jax import model as model_lib
-from gemma_sft_jax import peft_adapters
 from gemma_sft_jax import pytree
 from gemma_sft_jax import runner
-from gemma_sft_jax import sharding
-from gemma_sft_jax import train as train_lib
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import lora
+from gemma_sft_jax.model import sharding
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.training import checkpointing
+from gemma_sft_jax.training import train as train_lib
+from gemma_sft_jax.weights import export_formats
+from gemma_sft_jax.weights import gguf_file
+from gemma_sft_jax.weights import loading as checkpoints
+from gemma_sft_jax.weights import peft_adapters
 
 FORMATS = ('hf', 'peft', 'gguf')
 DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gemma_sft_jax import model as model_lib
+from gemma_sft_jax.model import transformer as model_lib
 
 ADAPTER_LEAVES = ('lora_a', 'lora_b')
 

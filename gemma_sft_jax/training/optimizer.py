@@ -37,8 +37,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gemma_sft_jax import pytree
-from gemma_sft_jax import quantization as quant
-from gemma_sft_jax.quantization import BLOCK_SIZE, QuantizedArray
+from gemma_sft_jax.training import quantization as quant
+from gemma_sft_jax.training.quantization import BLOCK_SIZE, QuantizedArray
 
 STATE_DTYPES = ('int8', 'bfloat16', 'float32')
 MIN_QUANTIZED_SIZE = 4096

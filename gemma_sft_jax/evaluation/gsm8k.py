@@ -1,7 +1,7 @@
 """The GSM8K task: loading, prompt/target formats, few-shot prompts, answer extraction.
 
-This is the one tested copy; training data (`data.py`) and evaluation both use it, so the prompt a
-model is fine-tuned on is token for token the prompt it is evaluated on.
+This is the one tested copy; training data (`training/data.py`) and evaluation both use it, so the
+prompt a model is fine-tuned on is token for token the prompt it is evaluated on.
 
 Formats (defaults; the reference baseline used exactly these):
 
@@ -47,7 +47,8 @@ EXEMPLAR_SEPARATOR = '\n\n'
 STOP_STRINGS = ('\n\nQuestion:', 'Question:', '<end_of_turn>')
 STRATEGIES = ('zero_shot', 'one_shot', 'few_shot')
 # GSM8K as released (MIT licence beside it): main train and test, socratic test; gzipped JSONL.
-BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'gsm8k')
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets',
+                           'gsm8k')
 SUBSETS = {'main': '{split}.jsonl', 'socratic': '{split}_socratic.jsonl'}
 
 _CALCULATOR = re.compile(r'<<[^<>]*>>')

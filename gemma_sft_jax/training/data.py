@@ -37,7 +37,7 @@ in that stream ({'epoch', 'row'}), the same on every process; it belongs in the 
 stream does not depend on B or n, so a run may resume with another batch size or process count.
 
 Stats for docs/data.md:
-  python -m gemma_sft_jax.data --stats --source=DIR_OR_HUB_ID --tokenizer=PATH.gguf
+  python -m gemma_sft_jax.training.data --stats --source=DIR_OR_HUB_ID --tokenizer=PATH.gguf
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from gemma_sft_jax import gsm8k
+from gemma_sft_jax.evaluation import gsm8k
 
 DataError = gsm8k.DataError
 BATCH_KEYS = ('inputs', 'targets', 'weights', 'segment_ids', 'positions')
@@ -410,9 +410,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
   import json  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
 
-  from gemma_sft_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from gemma_sft_jax.weights import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
-  parser = argparse.ArgumentParser(prog='python -m gemma_sft_jax.data', description=__doc__,
+  parser = argparse.ArgumentParser(prog='python -m gemma_sft_jax.training.data', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--stats', action='store_true', required=True,
                       help='print token-length and packing statistics as JSON')

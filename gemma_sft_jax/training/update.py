@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from gemma_sft_jax import optimizer
-from gemma_sft_jax import rounding
-from gemma_sft_jax.quantization import BLOCK_SIZE, QuantizedArray
+from gemma_sft_jax.training import optimizer
+from gemma_sft_jax.training import rounding
+from gemma_sft_jax.training.quantization import BLOCK_SIZE, QuantizedArray
 
 # Largest block (elements) of a leaf updated in blocks: 256 MiB per fp32 temporary.
 CHUNK_ELEMENTS = 1 << 26

@@ -22,8 +22,8 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import model as model_lib
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import transformer as model_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ Both functions return sufficient statistics, `(loss_sum, weight_sum)`, not a mea
 divides the sum of `loss_sum` by the sum of `weight_sum` over every microbatch and process, so the
 loss is the same number for any accumulation count, packing layout or process count.
 
-Axis names follow model.py: N tokens (B·T flattened), D model dim, V vocabulary, C vocab chunk.
+Axis names follow transformer.py: N tokens (B·T flattened), D model dim, V vocabulary, C vocab chunk.
 """
 
 from __future__ import annotations

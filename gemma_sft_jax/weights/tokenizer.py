@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from absl import logging
 
-from gemma_sft_jax import gguf_file
+from gemma_sft_jax.weights import gguf_file
 
 # Ids of the byte tokenizer's special tokens; byte b is id b + _BYTE_OFFSET.
 _PAD, _EOS, _BOS = 0, 1, 2

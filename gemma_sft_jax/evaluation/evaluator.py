@@ -18,11 +18,11 @@ from typing import Any, Sequence
 import jax
 from tqdm import auto as tqdm
 
-from gemma_sft_jax import data as data_lib
-from gemma_sft_jax import gsm8k
-from gemma_sft_jax import metrics as metrics_lib
-from gemma_sft_jax import model as model_lib
-from gemma_sft_jax import sampler
+from gemma_sft_jax.evaluation import gsm8k
+from gemma_sft_jax.evaluation import sampler
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.training import data as data_lib
+from gemma_sft_jax.training import metrics as metrics_lib
 
 
 @dataclasses.dataclass(frozen=True)

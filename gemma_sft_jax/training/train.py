@@ -19,20 +19,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import checkpointing
-from gemma_sft_jax import checkpoints
-from gemma_sft_jax import data as data_lib
-from gemma_sft_jax import gsm8k
-from gemma_sft_jax import lora
-from gemma_sft_jax import loss as loss_lib
-from gemma_sft_jax import metrics as metrics_lib
-from gemma_sft_jax import model as model_lib
-from gemma_sft_jax import optimizer as optimizer_lib
-from gemma_sft_jax import resume
-from gemma_sft_jax import sharding
-from gemma_sft_jax import update as update_lib
-from gemma_sft_jax import tokenizer as tokenizer_lib
+from gemma_sft_jax.evaluation import gsm8k
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import lora
+from gemma_sft_jax.model import loss as loss_lib
+from gemma_sft_jax.model import sharding
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.training import checkpointing
+from gemma_sft_jax.training import data as data_lib
+from gemma_sft_jax.training import metrics as metrics_lib
+from gemma_sft_jax.training import optimizer as optimizer_lib
+from gemma_sft_jax.training import resume
+from gemma_sft_jax.training import update as update_lib
+from gemma_sft_jax.weights import loading as checkpoints
+from gemma_sft_jax.weights import tokenizer as tokenizer_lib
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 

@@ -1,5 +1,5 @@
 """Gemma 2 / Gemma 3 text architectures: `ModelConfig`, built from a transformers config.json (or
-GGUF metadata, see checkpoints.py), and the named `VARIANTS` used for random init and shape checks.
+GGUF metadata, see weights/loading.py), and the named `VARIANTS` used for random init and shape checks.
 """
 
 from __future__ import annotations

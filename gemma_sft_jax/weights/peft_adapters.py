@@ -1,7 +1,7 @@
 """PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors), read and written.
 
 Names: PEFT keeps the adapter of a projection under the HF name of that projection (from the key
-table in checkpoints.py), `base_model.model.` + 'model.layers.0.self_attn.q_proj' +
+table in loading.py), `base_model.model.` + 'model.layers.0.self_attn.q_proj' +
 '.lora_A.weight' / '.lora_B.weight'.
 
 Layout: our kernel flattened to [in, out] is the HF weight [out, in] transposed, so PEFT's
@@ -24,13 +24,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from gemma_sft_jax import architecture
-from gemma_sft_jax import checkpoints
-from gemma_sft_jax import lora
-from gemma_sft_jax import model as model_lib
 from gemma_sft_jax import pytree
-from gemma_sft_jax import sharding
-from gemma_sft_jax import train as train_lib
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import lora
+from gemma_sft_jax.model import sharding
+from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.training import train as train_lib
+from gemma_sft_jax.weights import loading as checkpoints
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gemma_sft_jax import checkpointing
 from gemma_sft_jax import pytree
-from gemma_sft_jax import sharding
+from gemma_sft_jax.model import sharding
+from gemma_sft_jax.training import checkpointing
 
 
 class TrainingError(RuntimeError):

@@ -1,0 +1,1 @@
+"""Evaluation: the sampler, the GSM8K task (prompts, answer extraction) and the evaluator."""
