@@ -91,6 +91,9 @@ def load_run(path: str) -> dict[str, Any]:
       'scan_layers': meta.get('scan_layers'),
       'peak_lr': _peak_lr(run['metrics']),
       'steps': t.get('step'),
+      'tokens_per_step': t.get('tokens_per_step'),
+      'strip_calculator': next((e['settings']['strip_calculator'] for e in run['evals']
+                                if 'strip_calculator' in (e.get('settings') or {})), None),
   }
   return run
 
@@ -107,15 +110,17 @@ def group_key(run: dict[str, Any]) -> tuple[Any, ...] | None:
 
   The key is the run's model variant, tuning method and LoRA rank (final.json), whether its
   layers were scanned (final.json; older runs do not record it), its peak learning rate (the
-  largest in metrics.jsonl, 2 significant figures) and its number of steps (results.json's
-  train.step). Runs that share it differ in their seed (results.json's sft.settings.seed) or in
-  settings the run directories do not record (minimum LR, warmup, batch and data are not kept
+  largest in metrics.jsonl, 2 significant figures), its number of steps and tokens per step
+  (results.json's train), and whether calculator annotations were stripped (its evaluation
+  settings). Runs that share it differ in their seed (results.json's sft.settings.seed) or in
+  settings the run directories do not record (minimum LR, warmup and LoRA alpha are not kept
   there).
   """
   if not run.get('train'):
     return None
   c = run['config']
-  return (c['model'], c['method'], c['lora_rank'], c['scan_layers'], c['peak_lr'], c['steps'])
+  return (c['model'], c['method'], c['lora_rank'], c['scan_layers'], c['peak_lr'], c['steps'],
+          c.get('tokens_per_step'), c.get('strip_calculator'))
 
 
 def _group_name(names: Sequence[str]) -> str:
