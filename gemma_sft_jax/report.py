@@ -1,13 +1,13 @@
 r"""Report: Markdown tables and PNG plots from run directories.
 
-  python -m gemma_sft_jax.report results/runs/g3_270m_base results/runs/g3_270m_full \
-      results/runs/g3_270m_lora results/runs/sweep/* results/runs/seeds/* --output=report/
+  python -m gemma_sft_jax.report results/eval/2026-11-30-h200/base/base_0shot \
+      results/runs/seeds/* results/runs/sweep_h200/*/ --output=report/
 
 A run directory may hold results.json (from main: base / sft / train), eval_*.json (from eval)
 and metrics.jsonl (from training), final.json (the final weights' metadata). Runs that differ
 only in their seed are grouped (`group_key`) and shown with mean ± sample sd. Writes
-OUTPUT/report.md, loss.png, learning_rate.png, accuracy.png and sweep.png (full SFT's 0-shot
-accuracy against peak learning rate). A directory with nothing to report is skipped with a note.
+OUTPUT/report.md, loss.png, learning_rate.png, accuracy.png and sweep.png (full SFT's and LoRA's
+0-shot accuracy against peak learning rate). A directory with nothing to report is skipped with a note.
 """
 
 from __future__ import annotations
@@ -322,51 +322,64 @@ def _plot_accuracy(groups: Sequence[dict[str, Any]], output: str) -> list[str]:
   return ['accuracy.png']
 
 
+def _series(c: dict[str, Any]) -> str:
+  """A sweep plot's series: what a group's runs share besides the peak learning rate."""
+  rows = f"{c['tokens_per_step']:,} tokens" if c.get('tokens_per_step') else 'batch not recorded'
+  rank = f"r{c['lora_rank']}, " if c['method'] == 'lora' else ''
+  calc = ', calculator kept' if c.get('strip_calculator') is False else ''
+  return f"{rank}{rows} × {c['steps']} steps{calc}"
+
+
 def _plot_sweep(groups: Sequence[dict[str, Any]], output: str) -> list[str]:
-  """0-shot flexible accuracy of the full-SFT runs against their peak learning rate."""
+  """0-shot flexible accuracy against peak learning rate: full SFT and LoRA side by side, one
+  colour per series (LoRA rank, tokens per step, steps), seed groups with mean ± sd."""
   plt = _pyplot()
-  points = []  # (steps, group, eval entry)
+  panels = {'full': [], 'lora': []}  # method -> [(series, group, eval entry)]
   for g in groups:
     c = g['runs'][0]['config']
-    if g['key'] is None or c['method'] != 'full' or c['peak_lr'] is None:
+    if g['key'] is None or c['method'] not in panels or c['peak_lr'] is None:
       continue
     for e in g['evals']:
       if e['model'] == 'sft' and e['shots'] == '0-shot':
-        points.append((c['steps'], g, e))
-  if not points:
+        panels[c['method']].append((_series(c), g, e))
+  panels = {m: p for m, p in panels.items() if p}
+  if not panels:
     return []
-  fig, ax = plt.subplots(figsize=(7.5, 4.8))
-  markers = 'osD^v<>'
-  for i, steps in enumerate(sorted({p[0] for p in points})):
-    color = f'C{i}'
-    first_run = first_mean = True
-    for _, g, e in (p for p in points if p[0] == steps):
-      lr = g['runs'][0]['config']['peak_lr']
-      ax.scatter([lr] * e['n'], [100 * v for v in e['flexible']], color=color, alpha=0.6,
-                 s=22, marker=markers[i % len(markers)],
-                 label=f'{steps} steps: a run' if first_run else None)
-      first_run = False
-      if e['n'] > 1:
-        ax.errorbar([lr * 1.06], [100 * e['flexible_mean']], yerr=[100 * e['flexible_sd']],
-                    color=color, fmt='_', markersize=14, capsize=5, elinewidth=1.5,
-                    label=f'{steps} steps: mean ± sd of the seeds' if first_mean else None)
-        ax.annotate(f"n={e['n']}", (lr * 1.14, 100 * e['flexible_mean']), fontsize=8,
-                    color=color, va='center')
-        first_mean = False
+  fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.2), sharey=True,
+                           squeeze=False)
   base = [e for g in groups if g['key'] is None for e in g['evals']
           if e['model'] == 'base' and e['shots'] == '0-shot']
-  if base:
-    ax.axhline(100 * base[0]['flexible_mean'], color='gray', linestyle='--', linewidth=1,
-               label='base model, 0-shot')
-  ax.set_xscale('log')
-  lrs = [g['runs'][0]['config']['peak_lr'] for _, g, _ in points]
-  ax.set_xlim(min(lrs) / 1.3, max(lrs) * 1.5)
-  ax.set_xlabel('peak learning rate (log scale)')
-  ax.set_ylabel('GSM8K test accuracy, 0-shot flexible (%)')
-  ax.set_title('Full SFT: accuracy against peak learning rate')
-  ax.set_ylim(bottom=0)
-  ax.grid(alpha=0.3, which='both')
-  ax.legend(fontsize=8, loc='lower right')
+  markers = 'osD^v<>'
+  for ax, (method, points) in zip(axes[0], panels.items()):
+    for i, series in enumerate(sorted({p[0] for p in points})):
+      color = f'C{i}'
+      first_run = first_mean = True
+      for _, g, e in (p for p in points if p[0] == series):
+        lr = g['runs'][0]['config']['peak_lr']
+        ax.scatter([lr] * e['n'], [100 * v for v in e['flexible']], color=color, alpha=0.6,
+                   s=22, marker=markers[i % len(markers)],
+                   label=f'{series}: a run' if first_run else None)
+        first_run = False
+        if e['n'] > 1:
+          ax.errorbar([lr * 1.06], [100 * e['flexible_mean']], yerr=[100 * e['flexible_sd']],
+                      color=color, fmt='_', markersize=14, capsize=5, elinewidth=1.5,
+                      label=f'{series}: mean ± sd' if first_mean else None)
+          ax.annotate(f"n={e['n']}", (lr * 1.14, 100 * e['flexible_mean']), fontsize=8,
+                      color=color, va='center')
+          first_mean = False
+    if base:
+      ax.axhline(100 * base[0]['flexible_mean'], color='gray', linestyle='--', linewidth=1,
+                 label='base model, 0-shot')
+    ax.set_xscale('log')
+    lrs = [g['runs'][0]['config']['peak_lr'] for _, g, _ in points]
+    ax.set_xlim(min(lrs) / 1.3, max(lrs) * 1.5)
+    ax.set_xlabel('peak learning rate (log scale)')
+    ax.set_ylabel('GSM8K test accuracy, 0-shot flexible (%)')
+    ax.set_title(f"{'Full SFT' if method == 'full' else 'LoRA'}: accuracy against peak "
+                 'learning rate')
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=7, loc='lower right')
   fig.tight_layout()
   fig.savefig(os.path.join(output, 'sweep.png'), dpi=120)
   plt.close(fig)

@@ -120,8 +120,12 @@ def test_report_seed_table_skip_and_plots(tmp_path, capsys):
     assert f']({png})' in text
 
 
-def test_sweep_plot_needs_full_sft_runs(tmp_path):
+def test_sweep_plot_needs_trained_runs(tmp_path):
+  base = tmp_path / 'base'
+  base.mkdir()
+  (base / 'eval_base_0shot.json').write_text(json.dumps(_eval('zero_shot', 0, 0, 3)))
+  report.write_report([str(base)], str(tmp_path / 'only_base'))
+  assert not (tmp_path / 'only_base' / 'sweep.png').exists()
   run = _trained_run(tmp_path, 'lora_s0', method='lora')
-  report.write_report([str(run)], str(tmp_path / 'out'))
-  assert (tmp_path / 'out' / 'accuracy.png').exists()
-  assert not (tmp_path / 'out' / 'sweep.png').exists()
+  report.write_report([str(base), str(run)], str(tmp_path / 'out'))
+  assert (tmp_path / 'out' / 'sweep.png').read_bytes()[:4] == b'\x89PNG'

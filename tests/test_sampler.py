@@ -181,6 +181,22 @@ def test_refilled_slots_match_one_prompt_at_a_time(name, shared):
   assert sum(finished) == len(prompts) and len(finished) > 2
 
 
+def test_no_more_slots_than_prompts(monkeypatch):
+  """One prompt with batch_size=32 decodes in one slot, not 32 (decode's default batch size)."""
+  batches = []
+  init = model_lib.init_cache
+
+  def recording(config, batch, length, dtype=jnp.bfloat16, **kw):
+    batches.append(batch)
+    return init(config, batch, length, dtype, **kw)
+
+  monkeypatch.setattr(model_lib, 'init_cache', recording)
+  model, params = _random_params(architecture.VARIANTS['tiny_gemma2'], seed=0)
+  sampler.Generator(model, sampling=sampler.SamplingParams(max_new_tokens=2), eos_id=NO_EOS)(
+      params, _prompts(model.config, (5,)), batch_size=32)
+  assert batches and set(batches) == {1}
+
+
 def test_ring_cache_is_used_past_the_window_only(monkeypatch):
   """The sampler gives sliding-window layers a ring only when the cache outgrows the window,
   and then runs a scanned model's layers unrolled (their caches differ in length)."""

@@ -235,7 +235,7 @@ class Generator:
       seed: sampling seed.
       batch_sharding: where to put [slots, ...] arrays (e.g. split over data axes).
       min_bucket: the smallest padded prompt length.
-      batch_size: decode slots (default: one per prompt).
+      batch_size: decode slots (default and at most: one per prompt).
       on_done: called with the number of prompts just completed, for progress output.
 
     Returns:
@@ -245,7 +245,7 @@ class Generator:
     n = len(prompts)
     if not n:
       return []
-    slots = batch_size or n
+    slots = min(batch_size or n, n)  # No slot for a prompt that is not there.
     shared = common_prefix(prompts) if n > 1 else 0
     shared = shared if shared >= min_bucket else 0
     t = bucket(max(len(x) for x in prompts) - shared, min_bucket)
