@@ -32,6 +32,7 @@ def measure(layers: int, method: str, scanned: bool, state_dtype: str) -> dict:
   from gemma_sft_jax.model import architecture  # pylint: disable=g-import-not-at-top
   from gemma_sft_jax.model import sharding  # pylint: disable=g-import-not-at-top
   from gemma_sft_jax.training import train as train_lib  # pylint: disable=g-import-not-at-top
+  from gemma_sft_jax.weights import models  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.join(_ROOT, 'configs'))
   import gemma2  # pylint: disable=g-import-not-at-top
 
@@ -49,7 +50,7 @@ def measure(layers: int, method: str, scanned: bool, state_dtype: str) -> dict:
   config.optim.state_dtype = state_dtype
   config.train.batch_size, config.train.seq_len = 2, 64
   mesh = sharding.make_mesh(**config.mesh)
-  setup = train_lib.model_setup(config, with_lora=method == 'lora', mesh=mesh)
+  setup = models.model_setup(config, with_lora=method == 'lora', mesh=mesh)
   t0 = time.perf_counter()
   parts = train_lib.build(config, setup, mesh)
   jax.block_until_ready(parts.state)

@@ -30,7 +30,7 @@ from gemma_sft_jax.evaluation import sampler
 from gemma_sft_jax.model import sharding
 from gemma_sft_jax.training import data as data_lib
 from gemma_sft_jax.training import metrics as metrics_lib
-from gemma_sft_jax.training import train as train_lib
+from gemma_sft_jax.weights import models
 from gemma_sft_jax.weights import tokenizer as tokenizer_lib
 
 _GIB = 2 ** 30
@@ -77,8 +77,8 @@ def _bench(config, tokenizer, num_shots, prefix, suffix, questions, batch, max_n
   if not config.model.checkpoint:
     config.model.tokenizer = config.model.tokenizer or 'byte'
   mesh = sharding.make_mesh(**config.mesh)
-  setup = train_lib.model_setup(config, with_lora=False, mesh=mesh)
-  params = train_lib.init_params(setup, mesh=mesh, seed=0)
+  setup = models.model_setup(config, with_lora=False, mesh=mesh)
+  params = models.init_params(setup, mesh=mesh, seed=0)
   prompts, source = _prompts(setup.config.vocab_size, tokenizer, num_shots, prefix, suffix,
                              questions)
   generate = sampler.Generator(setup.model, eos_id=-1,

@@ -31,8 +31,10 @@ def main() -> None:
   try:  # pylint: disable=g-import-not-at-top
     from gemma_sft_jax.model import sharding
     from gemma_sft_jax.training import train
+    from gemma_sft_jax.weights import models
   except ImportError:  # A --root revision from before the sub-packages.
     from gemma_sft_jax import sharding, train
+    models = train
 
   path, _, arg = args.config.partition(':')
   spec = importlib.util.spec_from_file_location('run_config', os.path.join(args.root, path))
@@ -43,7 +45,7 @@ def main() -> None:
   config.model.checkpoint, config.model.tokenizer = '', 'byte'
   config.train.batch_size, config.train.seq_len = args.batch, args.seq_len
   mesh = sharding.make_mesh(**config.mesh)
-  setup = train.model_setup(config, with_lora=config.tuning_method == 'lora', mesh=mesh)
+  setup = models.model_setup(config, with_lora=config.tuning_method == 'lora', mesh=mesh)
   parts = train.build(config, setup, mesh)
   b, t = args.batch, args.seq_len
   batch = {'inputs': np.zeros((b, t), np.int32), 'targets': np.zeros((b, t), np.int32),

@@ -30,6 +30,7 @@ from gemma_sft_jax import runner
 from gemma_sft_jax.model import sharding
 from gemma_sft_jax.training import metrics as metrics_lib
 from gemma_sft_jax.training import train as train_lib
+from gemma_sft_jax.weights import models
 
 _GIB = 2 ** 30
 
@@ -99,7 +100,7 @@ def _bench(config, steps, output, breakdown, tag, profile):
   if not config.model.checkpoint:
     config.model.tokenizer = config.model.tokenizer or 'byte'
   mesh = sharding.make_mesh(**config.mesh)
-  setup = train_lib.model_setup(config, with_lora=config.tuning_method == 'lora', mesh=mesh)
+  setup = models.model_setup(config, with_lora=config.tuning_method == 'lora', mesh=mesh)
   t0 = time.time()
   parts = train_lib.build(config, setup, mesh)
   build_s = time.time() - t0

@@ -2,7 +2,7 @@
 
 Config files in `configs/` call `base_config()` and change what their model / method needs, then
 return the locked ConfigDict. Only the entry points (`main`, `eval`, `decode`, `export`,
-`benchmark`), the run phases they call (`runner`; `train.model_setup`, `train.build` and
+`benchmark`), the run phases they call (`runner`; `models.model_setup`, `train.build` and
 `train.train`; `exporters.export`; `peft_adapters.load`) and the checks in `validation` and
 `resume` read this object; the library below them (model, data, loss, sampler, checkpoints)
 takes explicit keyword arguments.

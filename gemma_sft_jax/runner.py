@@ -33,6 +33,7 @@ from gemma_sft_jax.training import checkpointing
 from gemma_sft_jax.training import data as data_lib
 from gemma_sft_jax.training import resume
 from gemma_sft_jax.training import train as train_lib
+from gemma_sft_jax.weights import models
 from gemma_sft_jax.weights import peft_adapters
 
 # Errors that mean "the input is wrong": reported in one line, exit status 2. KeyError is not
@@ -224,7 +225,7 @@ def eval_name(label: str, config: ml_collections.ConfigDict, settings: dict[str,
   return f'{label}_{prompt_spec(config).name}_{digest}'
 
 
-def run_gsm8k_eval(config: ml_collections.ConfigDict, setup: train_lib.Setup, params: Any, *,
+def run_gsm8k_eval(config: ml_collections.ConfigDict, setup: models.Setup, params: Any, *,
                    out_dir: str, label: str, mesh: jax.sharding.Mesh,
                    weights: str) -> dict[str, Any]:
   """Evaluates params on the configured test split; writes predictions under out_dir.
@@ -265,7 +266,7 @@ def self_consistency(config: ml_collections.ConfigDict) -> evaluate.SelfConsiste
                                   top_p=e.top_p, seed=config.train.seed)
 
 
-def for_decoding(setup: train_lib.Setup, params: Any) -> tuple[train_lib.Setup, Any]:
+def for_decoding(setup: models.Setup, params: Any) -> tuple[models.Setup, Any]:
   """Folds LoRA adapters into their kernels (in the kernels' dtype) for a LoRA-free model.
 
   Decoding is latency-bound: the adapters' extra small matmuls in every projection of every
@@ -278,7 +279,7 @@ def for_decoding(setup: train_lib.Setup, params: Any) -> tuple[train_lib.Setup, 
   return dataclasses.replace(setup, model=plain), merged
 
 
-def decode_prompts(config: ml_collections.ConfigDict, setup: train_lib.Setup, params: Any,
+def decode_prompts(config: ml_collections.ConfigDict, setup: models.Setup, params: Any,
                    prompts: Sequence[str], *, batch_size: int) -> list[str]:
   """Completions of text prompts under the config's `decode` settings, in `batch_size` slots.
 
@@ -385,7 +386,7 @@ def trained_config(config: ml_collections.ConfigDict, adapter_dir: str
 
 
 def load_trained(config: ml_collections.ConfigDict, adapter_dir: str, *,
-                 mesh: jax.sharding.Mesh) -> tuple[train_lib.Setup, Any]:
+                 mesh: jax.sharding.Mesh) -> tuple[models.Setup, Any]:
   """The base model plus the trained weights saved in `adapter_dir`: a run's final/ directory,
   or a PEFT LoRA adapter directory (adapter_config.json) trained on the same base.
 
@@ -396,9 +397,9 @@ def load_trained(config: ml_collections.ConfigDict, adapter_dir: str, *,
     return peft_adapters.load(config, adapter_dir, mesh=mesh)
   config, meta = trained_config(config, adapter_dir)
   method = meta['tuning_method']
-  setup = train_lib.model_setup(config, with_lora=method == 'lora', mesh=mesh)
+  setup = models.model_setup(config, with_lora=method == 'lora', mesh=mesh)
   # Same seed as training: a random-init base must be the one the weights were trained on.
-  params = train_lib.init_params(setup, mesh=mesh, seed=config.train.seed)
+  params = models.init_params(setup, mesh=mesh, seed=config.train.seed)
   trainable, frozen = lora.split(params, method)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           trainable)
@@ -407,9 +408,9 @@ def load_trained(config: ml_collections.ConfigDict, adapter_dir: str, *,
 
 
 def base_params(config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh
-                ) -> tuple[train_lib.Setup, Any]:
-  setup = train_lib.model_setup(config, with_lora=False, mesh=mesh)
+                ) -> tuple[models.Setup, Any]:
+  setup = models.model_setup(config, with_lora=False, mesh=mesh)
   if not setup.checkpoint:
     logging.warning('model.checkpoint is empty: the base model is a random init (seed %d)',
                     config.train.seed)
-  return setup, train_lib.init_params(setup, mesh=mesh, seed=config.train.seed)
+  return setup, models.init_params(setup, mesh=mesh, seed=config.train.seed)

@@ -15,6 +15,7 @@ import pytest
 from gemma_sft_jax.training import checkpointing
 from gemma_sft_jax.training import resume
 from gemma_sft_jax.training import train as train_lib
+from gemma_sft_jax.weights import models
 from tests.conftest import ROOT, tiny_config
 
 _ARG = 'family=gemma2'
@@ -57,7 +58,7 @@ def test_resume_refuses_training_changes_and_allows_the_rest(tmp_path, monkeypat
              'tuning_method': 'lora', 'model.variant': 'tiny_gemma3', 'optim.lr': 1e-4,
              'optim.warmup_steps': 2, 'optim.min_lr': 0.0, 'train.seed': 1}
   # Checked before the model is built: nothing slow happens on a refused resume.
-  monkeypatch.setattr(train_lib, 'model_setup', lambda *a, **k: pytest.fail('model built'))
+  monkeypatch.setattr(models, 'model_setup', lambda *a, **k: pytest.fail('model built'))
   for key, value in changed.items():
     with pytest.raises(ValueError) as error:
       train_lib.train(_config(**{key: value}), str(tmp_path))
@@ -91,14 +92,14 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused(gemma3_270m_gguf):
   # The byte tokenizer (259 tokens) with a real 262k-vocabulary Gemma decodes to nothing.
   config = tiny_config(_ARG, **{'model.checkpoint': gemma3_270m_gguf})
   with pytest.raises(ValueError) as error:
-    train_lib.model_setup(config, with_lora=False)
+    models.model_setup(config, with_lora=False)
   assert "model.tokenizer='byte': 259 tokens do not fit the 262144-token" in str(error.value)
   with pytest.raises(ValueError, match='300 tokens but the model has 263'):
-    train_lib.check_vocabulary(300, 263, tokenizer='x', checkpoint='')
+    models.check_vocabulary(300, 263, tokenizer='x', checkpoint='')
   # A few spare embedding rows (Gemma 3 4B: 262,208 rows, 262,144 tokens) are fine, and so is
   # the byte tokenizer on a random init of any size.
-  train_lib.check_vocabulary(262_144, 262_208, tokenizer='t', checkpoint='google/gemma-3-4b-pt')
-  train_lib.check_vocabulary(259, 256_000, tokenizer='byte', checkpoint='')
+  models.check_vocabulary(262_144, 262_208, tokenizer='t', checkpoint='google/gemma-3-4b-pt')
+  models.check_vocabulary(259, 256_000, tokenizer='byte', checkpoint='')
 
 
 def test_ctrl_c_saves_at_the_next_step_boundary(tmp_path, monkeypatch):

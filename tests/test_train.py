@@ -22,6 +22,7 @@ from gemma_sft_jax.model import sharding
 from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.training import data as data_lib
 from gemma_sft_jax.training import train as train_lib
+from gemma_sft_jax.weights import models
 from tests.conftest import ROOT, assert_bitwise_equal, flat, tiny_config
 
 STEPS = 3
@@ -44,9 +45,9 @@ def _num_shards(tree) -> dict[str, np.ndarray]:
           for p, x in pytree.flatten(tree).items()}
 
 
-def _setup(config, *, with_lora: bool, mesh) -> train_lib.Setup:
+def _setup(config, *, with_lora: bool, mesh) -> models.Setup:
   """The config's Setup (tokenizer, LoRA spec, dtypes) with the SHARDABLE architecture."""
-  setup = train_lib.model_setup(config, with_lora=with_lora, mesh=mesh)
+  setup = models.model_setup(config, with_lora=with_lora, mesh=mesh)
   arch = SHARDABLE_2 if config.model.scan_layers else SHARDABLE
   return dataclasses.replace(setup, model=setup.model.clone(config=arch), config=arch)
 

@@ -18,7 +18,7 @@ from gemma_sft_jax.evaluation import gsm8k
 from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.training import checkpointing
 from gemma_sft_jax.training import metrics as metrics_lib
-from gemma_sft_jax.training import train as train_lib
+from gemma_sft_jax.weights import models
 from tests.conftest import ROOT, assert_bitwise_equal, flat, tiny_config
 
 # ---- The CLI end to end. ----------------------------------------------------------------------
@@ -104,7 +104,7 @@ def _poll(condition, proc, timeout=180):
 
 
 def _final_params(workdir) -> dict[str, np.ndarray]:
-  setup = train_lib.model_setup(tiny_config('family=gemma2,method=full'), with_lora=False)
+  setup = models.model_setup(tiny_config('family=gemma2,method=full'), with_lora=False)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                           model_lib.param_shapes(setup.model))

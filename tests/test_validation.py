@@ -17,7 +17,7 @@ from gemma_sft_jax import report
 from gemma_sft_jax import runner
 from gemma_sft_jax import validation
 from gemma_sft_jax.evaluation import gsm8k
-from gemma_sft_jax.training import train as train_lib
+from gemma_sft_jax.weights import models
 from tests.conftest import ROOT, tiny_config
 
 _LORA = {'tuning_method': 'lora'}
@@ -142,7 +142,7 @@ def _preflight(command, overrides, paths):
 def test_bad_input_table(paths, monkeypatch, capsys):
   assert len(CASES) >= 40 and {c for c, _, _ in CASES} == {'main', 'eval', 'decode'}
   # Nothing slow may start: no model is built, no data read, before the error.
-  monkeypatch.setattr(train_lib, 'model_setup', lambda *a, **k: pytest.fail('model built'))
+  monkeypatch.setattr(models, 'model_setup', lambda *a, **k: pytest.fail('model built'))
   monkeypatch.setattr(gsm8k, 'load_split', lambda *a, **k: pytest.fail('data read'))
   failures = []
   for command, overrides, named in CASES:

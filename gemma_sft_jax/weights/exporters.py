@@ -41,10 +41,10 @@ from gemma_sft_jax.model import lora
 from gemma_sft_jax.model import sharding
 from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.training import checkpointing
-from gemma_sft_jax.training import train as train_lib
 from gemma_sft_jax.weights import export_formats
 from gemma_sft_jax.weights import gguf_file
 from gemma_sft_jax.weights import loading as checkpoints
+from gemma_sft_jax.weights import models
 from gemma_sft_jax.weights import peft_adapters
 
 FORMATS = ('hf', 'peft', 'gguf')
@@ -180,9 +180,9 @@ def _context_length(checkpoint: str) -> int | None:
 
 
 def _trained_adapters(config: ml_collections.ConfigDict, final: str, *,
-                      mesh: jax.sharding.Mesh) -> tuple[train_lib.Setup, Any]:
+                      mesh: jax.sharding.Mesh) -> tuple[models.Setup, Any]:
   """A LoRA run's adapters alone (the base weights are not read)."""
-  setup = train_lib.model_setup(config, with_lora=True, mesh=mesh)
+  setup = models.model_setup(config, with_lora=True, mesh=mesh)
   shapes, _ = lora.split(model_lib.param_shapes(setup.model), 'lora')
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, sharding.param_shardings(shapes, mesh))

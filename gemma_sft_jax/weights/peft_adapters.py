@@ -29,8 +29,8 @@ from gemma_sft_jax.model import architecture
 from gemma_sft_jax.model import lora
 from gemma_sft_jax.model import sharding
 from gemma_sft_jax.model import transformer as model_lib
-from gemma_sft_jax.training import train as train_lib
 from gemma_sft_jax.weights import loading as checkpoints
+from gemma_sft_jax.weights import models
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILE = 'adapter_model.safetensors'
@@ -222,9 +222,9 @@ def read(path: str, config: architecture.ModelConfig, *,
 
 
 def load(config: ml_collections.ConfigDict, adapter_dir: str, *,
-         mesh: jax.sharding.Mesh) -> tuple[train_lib.Setup, Any]:
+         mesh: jax.sharding.Mesh) -> tuple[models.Setup, Any]:
   """The base model of `config` plus a PEFT adapter, as (setup, params) for eval and decode."""
-  base_setup = train_lib.model_setup(config, with_lora=False, mesh=mesh)
+  base_setup = models.model_setup(config, with_lora=False, mesh=mesh)
   base_name = config.model.checkpoint or config.model.variant
   spec, arrays = read(adapter_dir, base_setup.config, base=base_name)
   with open(os.path.join(adapter_dir, CONFIG_FILE)) as f:
@@ -238,7 +238,7 @@ def load(config: ml_collections.ConfigDict, adapter_dir: str, *,
                                                          base_setup.config.num_layers)
   base_model = base_setup.model.clone(scan_layers=scan)
   setup = dataclasses.replace(base_setup, model=base_model.clone(lora=spec))
-  params = train_lib.init_params(dataclasses.replace(base_setup, model=base_model), mesh=mesh,
+  params = models.init_params(dataclasses.replace(base_setup, model=base_model), mesh=mesh,
                                  seed=config.train.seed)
   shapes, _ = lora.split(model_lib.param_shapes(setup.model), 'lora')
   shardings = sharding.param_shardings(shapes, mesh)
