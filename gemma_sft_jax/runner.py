@@ -28,7 +28,6 @@ from gemma_sft_jax.evaluation import gsm8k
 from gemma_sft_jax.evaluation import sampler
 from gemma_sft_jax.model import lora
 from gemma_sft_jax.model import sharding
-from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.training import checkpointing
 from gemma_sft_jax.training import data as data_lib
 from gemma_sft_jax.training import resume
@@ -275,7 +274,7 @@ def for_decoding(setup: models.Setup, params: Any) -> tuple[models.Setup, Any]:
   if not setup.model.lora.rank:
     return setup, params
   merged = jax.jit(functools.partial(lora.merge_weights, spec=setup.model.lora))(params)
-  plain = setup.model.clone(lora=model_lib.LoraSpec())
+  plain = setup.model.clone(lora=lora.LoraSpec())
   return dataclasses.replace(setup, model=plain), merged
 
 

@@ -21,7 +21,6 @@ from gemma_sft_jax import runner
 from gemma_sft_jax.evaluation import sampler
 from gemma_sft_jax.model import lora
 from gemma_sft_jax.model import sharding
-from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.training import data as data_lib
 from tests.conftest import ROOT, cli_env, tiny_config
 
@@ -158,7 +157,7 @@ def test_adapters_decode_like_merged_weights(runs):
   assert max(float(np.abs(b).max()) for b in jax.tree.leaves(trained)) > 0  # B moved off zero.
   merged = lora.merge_weights(params, setup.model.lora)
   assert setup.model.scan_layers and not config.model.scan_layers  # Layout from final.json.
-  plain = setup.model.clone(lora=model_lib.LoraSpec())
+  plain = setup.model.clone(lora=lora.LoraSpec())
   assert not any(lora.is_adapter_path(p) for p in jax.tree.leaves(pytree.paths(merged)))
 
   tok = setup.tokenizer

@@ -231,7 +231,7 @@ def test_scanned_layers_match_unrolled(tmp_path, name):
 
   # LoRA on a subset of projections: the same adapters, stacked, give the same logits, and
   # merging folds each layer's adapter into its own slice of the stacked kernel.
-  spec = model_lib.LoraSpec(rank=3, alpha=6.0, targets=r'.*/(q_proj|o_proj|up_proj)/kernel')
+  spec = lora.LoraSpec(rank=3, alpha=6.0, targets=r'.*/(q_proj|o_proj|up_proj)/kernel')
   lora_u = model_lib.Transformer(config, lora=spec)
   lora_s = model_lib.Transformer(config, lora=spec, scan_layers=True)
   adapters, _ = lora.split(lora_u.init(jax.random.key(1), tokens)['params'], 'lora')
@@ -256,7 +256,7 @@ def test_scanned_layers_match_unrolled(tmp_path, name):
 
 def test_scanned_layers_refuse_layer_specific_lora_targets():
   config = architecture.VARIANTS['tiny_gemma2']
-  spec = model_lib.LoraSpec(rank=2, alpha=4.0, targets=r'layer_0/attn/q_proj/kernel')
+  spec = lora.LoraSpec(rank=2, alpha=4.0, targets=r'layer_0/attn/q_proj/kernel')
   with pytest.raises(ValueError, match='scan_layers'):
     model_lib.param_shapes(model_lib.Transformer(config, lora=spec, scan_layers=True))
 

@@ -1,22 +1,47 @@
 """LoRA: adapter leaves (`lora_a`, `lora_b`) beside the kernels they adapt, in the same tree.
 
-The model (model.Projection) creates the leaves for the projections a `LoraSpec` targets and adds
-(alpha / R)·(x·A)·B in the forward pass. This module splits a tree into the trainable part and
-the frozen rest (full SFT: everything is trainable; LoRA: only adapter leaves), joins them back,
-and folds adapters into the kernels for export or merged decoding.
+Everything LoRA is here: the `LoraSpec` (which projections get adapters), the adapter's einsums
+(`adapter_output`, which the model's Projection adds as (alpha / R)·(x·A)·B), splitting a tree
+into the trainable part and the frozen rest (full SFT: everything is trainable; LoRA: only
+adapter leaves), joining them back, and folding adapters into the kernels for export or merged
+decoding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from gemma_sft_jax.model import transformer as model_lib
-
 ADAPTER_LEAVES = ('lora_a', 'lora_b')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """Which projections get adapters: `targets` is a regex matched against 'layer_i/attn/q_proj/kernel'."""
+  rank: int = 0
+  alpha: float = 1.0
+  dropout: float = 0.0
+  targets: str = ''
+
+  def rank_for(self, path: str) -> int:
+    return self.rank if self.rank and re.fullmatch(self.targets, path) else 0
+
+
+def adapter_output(equation: str, in_dims: int, x: jax.Array, a: jax.Array,
+                   b: jax.Array) -> jax.Array:
+  """(x·A)·B for the projection `equation` (e.g. 'BTD,DNH->BTNH') whose kernel's first `in_dims`
+  axes contract with x: A [...in, R] and B [R, ...out] take the kernel's place through a rank-R
+  bottleneck, so W + AB is never formed."""
+  lhs, out_axes = equation.split('->')
+  x_axes, k_axes = lhs.split(',')
+  in_axes, kout_axes = k_axes[:in_dims], k_axes[in_dims:]
+  xa = jnp.einsum(f'{x_axes},{in_axes}R->{x_axes[:-in_dims]}R', x, a)
+  return jnp.einsum(f'{x_axes[:-in_dims]}R,R{kout_axes}->{out_axes}', xa, b)
 
 
 def is_adapter_path(path: str) -> bool:
@@ -61,7 +86,7 @@ def join(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def merge_weights(params: dict[str, Any], spec: model_lib.LoraSpec) -> dict[str, Any]:
+def merge_weights(params: dict[str, Any], spec: LoraSpec) -> dict[str, Any]:
   """Folds every adapter into its kernel, W + (alpha/R)·A·B, and drops the adapter leaves.
 
   Used for export and merged decoding; training never forms W + AB.

@@ -18,7 +18,8 @@ Parameters are a plain nested dict (the linen 'params' collection):
   layer_{i}/mlp/down_proj/kernel              [F, D]
   layer_{i}/post_ffw_norm/scale               [D]
   final_norm/scale                            [D]
-LoRA adds `lora_a` [D, R] and `lora_b` [R, ...out] beside a targeted `kernel` (see lora.py).
+LoRA adds `lora_a` [D, R] and `lora_b` [R, ...out] beside a targeted `kernel` (lora.py: the spec,
+the adapter's einsums, and the tree operations).
 
 Attention masks are built from per-token `positions` and `segment_ids` (0 = padding), so the same
 code serves packed training rows (segments never see each other) and the KV-cached sampler.
@@ -32,10 +33,8 @@ With `scan_layers=True` the layers are one `nn.scan`: every `layer_{i}/...` leaf
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -44,6 +43,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import lora
+from gemma_sft_jax.model.lora import LoraSpec
 
 Array = jax.Array
 Cache = dict[str, dict[str, Array]]
@@ -98,25 +99,9 @@ class Projection(nn.Module):
                    (self.lora_rank, *self.shape[self.in_dims:]), jnp.float32)
     if self.lora_dropout and not deterministic:
       x = nn.Dropout(self.lora_dropout)(x, deterministic=False)
-    lhs, _ = self.equation.split('->')
-    x_axes, k_axes = lhs.split(',')
-    out_axes = self.equation.split('->')[1]
-    in_axes, kout_axes = k_axes[:self.in_dims], k_axes[self.in_dims:]
-    xa = jnp.einsum(f'{x_axes},{in_axes}R->{x_axes[:-self.in_dims]}R', x, a.astype(self.dtype))
-    delta = jnp.einsum(f'{x_axes[:-self.in_dims]}R,R{kout_axes}->{out_axes}', xa, b.astype(self.dtype))
+    delta = lora.adapter_output(self.equation, self.in_dims, x, a.astype(self.dtype),
+                                b.astype(self.dtype))
     return checkpoint_name(y + (self.lora_alpha / self.lora_rank) * delta, self.name)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-  """Which projections get adapters: `targets` is a regex matched against 'layer_i/attn/q_proj/kernel'."""
-  rank: int = 0
-  alpha: float = 1.0
-  dropout: float = 0.0
-  targets: str = ''
-
-  def rank_for(self, path: str) -> int:
-    return self.rank if self.rank and re.fullmatch(self.targets, path) else 0
 
 
 def rope(x: Array, positions: Array, base: float, scale: float) -> Array:

@@ -30,7 +30,7 @@ import gguf
 import numpy as np
 
 from gemma_sft_jax.model import architecture
-from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.model import lora
 from gemma_sft_jax.weights import gguf_file
 from gemma_sft_jax.weights import loading as checkpoints
 from gemma_sft_jax.weights import peft_adapters
@@ -277,7 +277,7 @@ def write_hf(directory: str | None, tensors: list[Tensor], *, config: architectu
 
 
 def write_peft(directory: str | None, tensors: list[Tensor], *, kernels: list[str],
-               spec: model_lib.LoraSpec, base: str, num_layers: int) -> None:
+               spec: lora.LoraSpec, base: str, num_layers: int) -> None:
   """A PEFT adapter directory (one safetensors file: PEFT reads no shards)."""
   if directory:
     os.mkdir(directory)

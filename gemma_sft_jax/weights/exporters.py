@@ -58,7 +58,7 @@ Tensor = export_formats.Tensor
 # ----------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _program(mesh: jax.sharding.Mesh, convert: Callable[[Any, Any], Any], config: Any,
-             dtype: np.dtype, spec: model_lib.LoraSpec | None, stacked: bool) -> Callable:
+             dtype: np.dtype, spec: lora.LoraSpec | None, stacked: bool) -> Callable:
   """(param, lora_a, lora_b, layer) -> that layer's tensor, adapter merged, converted, replicated.
 
   Cached per kind of tensor, so the layers of a model reuse one compiled program.
@@ -74,7 +74,7 @@ def _program(mesh: jax.sharding.Mesh, convert: Callable[[Any, Any], Any], config
 
 
 def _tensor(name: str, convert: Callable[[Any, Any], Any], config: Any,
-            dtype_of: Callable[[tuple[int, ...]], np.dtype], spec: model_lib.LoraSpec | None,
+            dtype_of: Callable[[tuple[int, ...]], np.dtype], spec: lora.LoraSpec | None,
             mesh: jax.sharding.Mesh, x: Any, a: Any = None, b: Any = None,
             layer: int | None = None) -> Tensor:
   stacked = layer is not None
@@ -102,7 +102,7 @@ def _layers(flat: dict[str, Any]) -> Iterator[tuple[str, str, int | None]]:
   return iter(top + per_layer)
 
 
-def model_tensors(params: Any, config: architecture.ModelConfig, *, spec: model_lib.LoraSpec,
+def model_tensors(params: Any, config: architecture.ModelConfig, *, spec: lora.LoraSpec,
                   mesh: jax.sharding.Mesh, dtype_of: Callable[[tuple[int, ...]], np.dtype]
                   ) -> list[Tensor]:
   """Every base tensor under its HF name, in HF's layout, adapters (if any) merged."""

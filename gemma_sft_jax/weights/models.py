@@ -76,9 +76,9 @@ def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_name)
   check_vocabulary(len(tokenizer), model_config.vocab_size, tokenizer=tokenizer_name,
                    checkpoint=checkpoint)
-  spec = model_lib.LoraSpec()
+  spec = lora.LoraSpec()
   if with_lora:
-    spec = model_lib.LoraSpec(rank=config.lora.rank, alpha=config.lora.alpha,
+    spec = lora.LoraSpec(rank=config.lora.rank, alpha=config.lora.alpha,
                               dropout=config.lora.dropout, targets=config.lora.targets)
   model = model_lib.Transformer(
       model_config, dtype=dtype_of(c.dtype, 'model.dtype'),

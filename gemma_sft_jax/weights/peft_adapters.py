@@ -69,7 +69,7 @@ def to_peft_b(b: Any, c: Any = None) -> Any:
   return b.reshape(b.shape[0], -1).T
 
 
-def adapter_config(spec: model_lib.LoraSpec, kernel_paths: list[str], *, base: str,
+def adapter_config(spec: lora.LoraSpec, kernel_paths: list[str], *, base: str,
                    num_layers: int) -> dict[str, Any]:
   """The adapter_config.json PEFT reads for adapters on `kernel_paths` (per-layer paths).
 
@@ -147,7 +147,7 @@ def _check_targets(cfg: dict[str, Any], modules: list[str], path: str, base: str
 
 
 def read(path: str, config: architecture.ModelConfig, *,
-         base: str) -> tuple[model_lib.LoraSpec, dict[str, np.ndarray]]:
+         base: str) -> tuple[lora.LoraSpec, dict[str, np.ndarray]]:
   """Reads a PEFT LoRA adapter for the model `config` describes.
 
   Args:
@@ -171,7 +171,7 @@ def read(path: str, config: architecture.ModelConfig, *,
   alpha = float(cfg['lora_alpha']) * (math.sqrt(rank) if cfg.get('use_rslora') else 1.0)
   other = f"another base (its {CONFIG_FILE} names {cfg.get('base_model_name_or_path')!r})"
   # Every projection of the base with an adapter: the shapes our leaves would have.
-  everything = model_lib.LoraSpec(rank=rank, alpha=alpha, targets=r'.*')
+  everything = lora.LoraSpec(rank=rank, alpha=alpha, targets=r'.*')
   shapes = _flat(model_lib.param_shapes(model_lib.Transformer(config, lora=everything)))
   kernels = {module_name(p): p for p in shapes if p.endswith('/kernel')}
   out: dict[str, np.ndarray] = {}
@@ -217,7 +217,7 @@ def read(path: str, config: architecture.ModelConfig, *,
   targets = '|'.join(map(re.escape, adapted))
   if in_every_layer(adapted, config.num_layers):
     targets = rf'layer_\d+/({"|".join(_kinds(adapted))})/kernel'
-  return model_lib.LoraSpec(rank=rank, alpha=alpha, dropout=float(cfg.get('lora_dropout', 0.0)),
+  return lora.LoraSpec(rank=rank, alpha=alpha, dropout=float(cfg.get('lora_dropout', 0.0)),
                             targets=targets), out
 
 
