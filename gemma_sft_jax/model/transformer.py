@@ -167,15 +167,21 @@ class Attention(nn.Module):
     k_pos, k_seg = positions, segment_ids
     new_cache = None
     if cache is not None:
-      new_cache = write_cache(cache, key, val, positions, segment_ids)
+      # Scanned layers pass the whole stacked cache and this layer's index, and the write goes
+      # into that layer in place (a per-layer cache passed in and out of the scan would be
+      # copied whole at every step).
+      stacked, layer = cache if isinstance(cache, tuple) else (cache, None)
+      new_cache = write_cache(stacked, key, val, positions, segment_ids, layer=layer)
+      view = (lambda t: t) if layer is None else (
+          lambda t: jax.tree.map(lambda a: a[layer], t))
       if x.shape[1] == 1:
         # One new token: the written cache holds every key it may see (the ring slot it took
         # held a position a whole window back, which the mask would drop anyway).
-        parts = (new_cache,)
+        parts = (view(new_cache),)
       else:
         # Several tokens (a prefill): what the cache held before them, then their own keys, so
         # that writing into a ring does not drop keys the earlier of them still need.
-        parts = (cache, {'k': key, 'v': val, 'pos': positions, 'seg': segment_ids})
+        parts = (view(stacked), {'k': key, 'v': val, 'pos': positions, 'seg': segment_ids})
       cat = lambda name, dtype: jnp.concatenate([p[name].astype(dtype) for p in parts], axis=1)
       key, val = cat('k', self.dtype), cat('v', self.dtype)
       k_pos, k_seg = cat('pos', jnp.int32), cat('seg', jnp.int32)
@@ -218,8 +224,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """One decoder layer: pre/post-normed attention and MLP, each with a residual.
 
-  The call signature is the body of `nn.scan`: (carry x, per-layer (local flag, cache), broadcast
-  arguments...) -> (x, new cache). Unrolled layers pass local=None and know their `layer_type`.
+  The call signature is the body of `nn.scan`: (carry, per-layer (local flag, cache), broadcast
+  arguments...) -> (carry, new cache). Unrolled layers pass local=None, know their `layer_type`
+  and carry x with their own cache. Scanned layers with a KV cache carry (x, the stacked cache),
+  get their layer index in place of a cache and write into the stacked cache in place.
   """
 
   config: architecture.ModelConfig
@@ -232,8 +240,12 @@ class Block(nn.Module):
   out_sharding: Any = None  # Sharding constraint for the block's output (see Transformer).
 
   @nn.compact
-  def __call__(self, x, per_layer, positions, segment_ids, deterministic):
+  def __call__(self, carry, per_layer, positions, segment_ids, deterministic):
     local, cache = per_layer
+    # Scanned layers with a KV cache carry (x, the stacked cache) and get their index as `cache`.
+    x, stacked = carry if isinstance(carry, tuple) else (carry, None)
+    if stacked is not None:
+      cache = (stacked, cache)
     c, pd = self.config, self.param_dtype
     h = RMSNorm(c.rms_norm_eps, pd, name='pre_attention_norm')(x)
     h, new_cache = Attention(c, self.layer_type, self.dtype, pd, self.attn_lora, self.lora_spec,
@@ -245,6 +257,8 @@ class Block(nn.Module):
     x = x + RMSNorm(c.rms_norm_eps, pd, name='post_ffw_norm')(h)
     if self.out_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, self.out_sharding)
+    if stacked is not None:
+      return (x, new_cache), None
     return x, new_cache
 
 
@@ -362,10 +376,12 @@ class Transformer(nn.Module):
     new_cache = {} if cache is not None else None
     if self.scan_layers:
       local = jnp.asarray([t == architecture.SLIDING for t in self.config.layer_types])
-      x, stacked = self.layers(x, (local, cache['layers'] if cache is not None else None),
-                               positions, segment_ids, deterministic)
-      if cache is not None:
-        new_cache['layers'] = stacked
+      if cache is None:
+        x, _ = self.layers(x, (local, None), positions, segment_ids, deterministic)
+      else:  # The stacked cache rides in the carry; each layer writes its own slice in place.
+        index = jnp.arange(self.config.num_layers)
+        (x, new_cache['layers']), _ = self.layers((x, cache['layers']), (local, index),
+                                                  positions, segment_ids, deterministic)
     else:
       for i, layer in enumerate(self.layers):
         layer_cache = cache[f'layer_{i}'] if cache is not None else None
@@ -392,24 +408,25 @@ def output_logits(hidden: Array, embedding: Array, softcap: float | None) -> Arr
 
 
 def write_cache(cache: dict[str, Array], key: Array, val: Array, positions: Array,
-                segment_ids: Array) -> dict[str, Array]:
+                segment_ids: Array, *, layer: Array | None = None) -> dict[str, Array]:
   """One layer's cache with this call's tokens written, each at slot `position % slots`.
 
   Padding (segment 0) is not written. A cache shorter than the sequence is thus a ring that
   holds the latest positions (a sliding-window layer's whole view when it has window-many
   slots); of a call's tokens only those within `slots` of the row's last position are kept.
+  With `layer`, `cache` is stacked ([L, B, S, ...]) and only that layer is written.
   """
-  size = cache['k'].shape[1]
+  lead = () if layer is None else (layer,)
+  size = cache['k'].shape[len(lead) + 1]
   positions = positions.astype(jnp.int32)
   slots = positions % size
-  if key.shape[1] == 1:  # A decode step: a per-row dynamic_update_slice (partitions by row).
-    put_row = lambda a, new, s: jax.lax.dynamic_update_slice_in_dim(a, new, s, axis=0)
-    put = lambda a, new: jax.vmap(put_row)(a, new.astype(a.dtype), slots[:, 0])
-  else:
+  rows = jnp.arange(key.shape[0])[:, None]
+  if key.shape[1] > 1:  # A prefill: padding and positions a ring has no room for are dropped.
     last = jnp.max(jnp.where(segment_ids > 0, positions, -1), axis=1, keepdims=True)
-    slots = jnp.where((segment_ids > 0) & (positions > last - size), slots, size)  # size: dropped
-    rows = jnp.arange(key.shape[0])[:, None]
-    put = lambda a, new: a.at[rows, slots].set(new.astype(a.dtype), mode='drop')
+    slots = jnp.where((segment_ids > 0) & (positions > last - size), slots, size)
+  # One scatter per array, indexed by (layer,) row, slot: it updates the cache in place.
+  put = lambda a, new: a.at[(*lead, rows, slots)].set(new.astype(a.dtype), mode='drop',
+                                                      unique_indices=True)
   return {'k': put(cache['k'], key), 'v': put(cache['v'], val),
           'pos': put(cache['pos'], positions), 'seg': put(cache['seg'], segment_ids)}
 
