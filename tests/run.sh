@@ -5,7 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
 # torch 2.13.0 first: on the CPU machines that pin resolves to the local CPU build, so the
 # `torch>=2.5` of the test extra is already satisfied and no CUDA build is downloaded.
 python -m pip install -q torch==2.13.0
