@@ -15,7 +15,6 @@ settings. --repeat=2 times a second call of the same generator too (compiled pro
 """
 
 import datetime
-import json
 import time
 
 from absl import flags
@@ -111,11 +110,7 @@ def _bench(config, tokenizer, num_shots, prefix, suffix, questions, batch, max_n
       'scan_layers': config.model.scan_layers, 'jax': jax.__version__,
       'date': datetime.datetime.now(datetime.timezone.utc).date().isoformat(), 'tag': tag,
   }
-  line = json.dumps(result)
-  print(line, flush=True)
-  if output and jax.process_index() == 0:
-    with open(output, 'a') as f:
-      f.write(line + '\n')
+  metrics_lib.emit_json_line(result, output)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,6 @@ same fields for transformers.
 """
 
 import datetime
-import json
 import os
 import statistics
 import time
@@ -158,11 +157,7 @@ def _bench(config, steps, output, breakdown, tag, profile):
       jax.block_until_ready(m)
   if breakdown:
     result.update(_breakdown(parts, state, batch, steps))
-  line = json.dumps(result)
-  print(line, flush=True)
-  if output and jax.process_index() == 0:
-    with open(output, 'a') as f:
-      f.write(line + '\n')
+  metrics_lib.emit_json_line(result, output)
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import kv_cache
 from gemma_sft_jax.model import lora
 from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.weights import loading as checkpoints
@@ -131,7 +132,7 @@ def test_cache_matches_full_forward():
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, config.vocab_size, size=(2, 15)))
     params = model.init(jax.random.key(0), tokens)['params']
     full, _ = model.apply({'params': params}, tokens)
-    cache = model_lib.init_cache(config, 2, 16, jnp.float32)
+    cache = kv_cache.init_cache(config, 2, 16, jnp.float32)
     np.testing.assert_allclose(_decode_stepwise(model, params, tokens, cache, prefill=6), full,
                                atol=1e-4)
 
@@ -146,7 +147,7 @@ def test_ring_cache_matches_full_forward_past_the_window():
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 30)))
   params = model.init(jax.random.key(1), tokens)['params']
   full, _ = model.apply({'params': params}, tokens)
-  cache = model_lib.init_cache(config, 2, 30, jnp.float32, ring=True)
+  cache = kv_cache.init_cache(config, 2, 30, jnp.float32, ring=True)
   lengths = {c['k'].shape[1] for c in cache.values()}
   assert lengths == {7, 30}
   call = jax.jit(lambda p, x, pos, c: model.apply({'params': p}, x, pos, cache=c))
@@ -162,10 +163,10 @@ def test_cache_writes_each_token_at_its_position_modulo_the_slots():
   """Rows of a decode batch at different positions write at their own slots (wrapping in a ring);
   a prefill skips its padding and keeps only the positions a ring of its length can hold."""
   config = architecture.VARIANTS['tiny_gemma2']
-  cache = model_lib.init_cache(config, 3, 8, jnp.float32)['layer_0']
+  cache = kv_cache.init_cache(config, 3, 8, jnp.float32)['layer_0']
   kv = lambda b, t: jnp.arange(b * t, dtype=jnp.float32).reshape(b, t, 1, 1) * jnp.ones(
       (1, 1, *cache['k'].shape[2:]))
-  step = model_lib.write_cache(cache, kv(3, 1), kv(3, 1), jnp.asarray([[4], [0], [15]]),
+  step = kv_cache.write_cache(cache, kv(3, 1), kv(3, 1), jnp.asarray([[4], [0], [15]]),
                                jnp.ones((3, 1), jnp.int32))
   assert list(zip(*np.asarray(step['seg']).nonzero())) == [(0, 4), (1, 0), (2, 7)]  # 15 % 8
   assert np.asarray(step['k'])[2, 7, 0, 0] == 2 and np.asarray(step['pos'])[2, 7] == 15
@@ -173,7 +174,7 @@ def test_cache_writes_each_token_at_its_position_modulo_the_slots():
   seg = jnp.asarray([[0, 0] + [1] * 10, [1] * 12])
   pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
   two = jax.tree.map(lambda a: a[:2], cache)
-  pre = model_lib.write_cache(two, kv(2, 12), kv(2, 12), pos, seg)
+  pre = kv_cache.write_cache(two, kv(2, 12), kv(2, 12), pos, seg)
   np.testing.assert_array_equal(np.asarray(pre['pos']), [[8, 9, 2, 3, 4, 5, 6, 7],
                                                          [8, 9, 10, 11, 4, 5, 6, 7]])
   assert np.asarray(pre['k'])[0, 2, 0, 0] == 4  # Position 2 of row 0 is its token 4.
@@ -249,7 +250,7 @@ def test_scanned_layers_match_unrolled(tmp_path, name):
 
   # Prefill + single-token steps through the stacked KV cache give the full forward's logits.
   full = logits(scanned)(p_scanned)
-  cache = model_lib.init_cache(config, 2, SEQ, jnp.float32, stacked=True)
+  cache = kv_cache.init_cache(config, 2, SEQ, jnp.float32, stacked=True)
   np.testing.assert_allclose(_decode_stepwise(scanned, p_scanned, tokens, cache, prefill=9), full,
                              atol=1e-4)
 

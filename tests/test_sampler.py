@@ -25,6 +25,7 @@ from gemma_sft_jax.evaluation import evaluator as evaluate
 from gemma_sft_jax.evaluation import gsm8k
 from gemma_sft_jax.evaluation import sampler
 from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import kv_cache
 from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.training import data as data_lib
 from gemma_sft_jax.weights import loading as checkpoints
@@ -184,13 +185,13 @@ def test_refilled_slots_match_one_prompt_at_a_time(shared):
 def test_no_more_slots_than_prompts(monkeypatch):
   """One prompt with batch_size=32 decodes in one slot, not 32 (decode's default batch size)."""
   batches = []
-  init = model_lib.init_cache
+  init = kv_cache.init_cache
 
   def recording(config, batch, length, dtype=jnp.bfloat16, **kw):
     batches.append(batch)
     return init(config, batch, length, dtype, **kw)
 
-  monkeypatch.setattr(model_lib, 'init_cache', recording)
+  monkeypatch.setattr(kv_cache, 'init_cache', recording)
   model, params = _random_params(architecture.VARIANTS['tiny_gemma2'], seed=0)
   sampler.Generator(model, sampling=sampler.SamplingParams(max_new_tokens=2), eos_id=NO_EOS)(
       params, _prompts(model.config, (5,)), batch_size=32)
@@ -201,13 +202,13 @@ def test_ring_cache_is_used_past_the_window_only(monkeypatch):
   """The sampler gives sliding-window layers a ring only when the cache outgrows the window,
   and then runs a scanned model's layers unrolled (their caches differ in length)."""
   made = []
-  init = model_lib.init_cache
+  init = kv_cache.init_cache
 
   def recording(config, batch, length, dtype=jnp.bfloat16, **kw):
     made.append((length, kw.get('ring'), kw.get('stacked')))
     return init(config, batch, length, dtype, **kw)
 
-  monkeypatch.setattr(model_lib, 'init_cache', recording)
+  monkeypatch.setattr(kv_cache, 'init_cache', recording)
   config = dataclasses.replace(architecture.VARIANTS['tiny_gemma3'], sliding_window=40)
   model, params = _random_params(config, seed=0)
   scanned = model_lib.Transformer(config, scan_layers=True)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import kv_cache
 from gemma_sft_jax.model import transformer as model_lib
 
 
@@ -102,7 +103,7 @@ def _head(model, params, hidden):
 
 def _prefix_cache(model, params, tokens, *, length: int, ring: bool):
   """The shared prefix [1, P] prefilled into a one-row cache of `length` slots."""
-  cache = model_lib.init_cache(model.config, 1, length, model.dtype, stacked=model.scan_layers,
+  cache = kv_cache.init_cache(model.config, 1, length, model.dtype, stacked=model.scan_layers,
                                ring=ring)
   return _prefill(model, params, tokens, jnp.ones_like(tokens), cache, 0)[1]
 
@@ -122,7 +123,7 @@ def _admit(model, params, state, prefix, tokens, segments, rows, rng, *, samplin
   r, t = tokens.shape
   if prefix is None:
     length = state['out'].shape[1] + t
-    cache = model_lib.init_cache(model.config, r, length, model.dtype, stacked=model.scan_layers,
+    cache = kv_cache.init_cache(model.config, r, length, model.dtype, stacked=model.scan_layers,
                                  ring=ring)
   else:
     axis = _rows_axis(model)
@@ -132,7 +133,8 @@ def _admit(model, params, state, prefix, tokens, segments, rows, rng, *, samplin
   out = jnp.zeros((r, p.max_new_tokens), jnp.int32).at[:, 0].set(first)
   lengths = jnp.ones((r,), jnp.int32)
   positions = prefix_len + jnp.sum(segments, axis=1)
-  new = dict(token=first, pos=positions.astype(jnp.int32), out=out, lengths=lengths, done=_stopped(out, lengths, first, p, eos_id))
+  new = dict(token=first, pos=positions.astype(jnp.int32), out=out, lengths=lengths,
+             done=_stopped(out, lengths, first, p, eos_id))
   put = lambda big, small, axis=0: big.at[(slice(None),) * axis + (rows,)].set(small, mode='drop')
   state = dict(state, **{k: put(state[k], v) for k, v in new.items()})
   state['cache'] = jax.tree.map(functools.partial(put, axis=_rows_axis(model)), state['cache'],
@@ -158,11 +160,10 @@ def _decode(model, params, state, live, want, rng, *, sampling, eos_id):
     going = ~s['done']
     token = jnp.where(going, token, 0)
     out = s['out'].at[jnp.arange(b), s['lengths']].set(token, mode='drop')
-    lengths = s['lengths'] + going.astype(jnp.int32)
     step = going.astype(jnp.int32)
-    return dict(token=token, pos=s['pos'] + step, cache=cache, out=out,
-                lengths=lengths, done=s['done'] | _stopped(out, lengths, token, p, eos_id),
-                rng=rng)
+    lengths = s['lengths'] + step
+    return dict(token=token, pos=s['pos'] + step, cache=cache, out=out, lengths=lengths,
+                done=s['done'] | _stopped(out, lengths, token, p, eos_id), rng=rng)
 
   state = jax.lax.while_loop(cond, body, dict(state, rng=rng))
   del state['rng']
@@ -173,7 +174,7 @@ def _empty_state(model, *, slots: int, length: int, ring: bool, max_new_tokens: 
   return dict(token=jnp.zeros((slots,), jnp.int32), pos=jnp.zeros((slots,), jnp.int32),
               out=jnp.zeros((slots, max_new_tokens), jnp.int32),
               lengths=jnp.zeros((slots,), jnp.int32), done=jnp.ones((slots,), bool),
-              cache=model_lib.init_cache(model.config, slots, length, model.dtype,
+              cache=kv_cache.init_cache(model.config, slots, length, model.dtype,
                                          stacked=model.scan_layers, ring=ring))
 
 
@@ -188,8 +189,8 @@ class Generator:
 
   The decode batch is a set of slots kept full: when a quarter of them have finished, their
   completions are collected and the next prompts are prefilled into them (a quarter of the slots,
-  or 16, at a time), so no slot decodes for a row that is already done while prompts wait. Prompts that share a token prefix (few-shot
-  exemplars) prefill it once. When the cache must outgrow the sliding window, sliding-window
+  or 16, at a time), so no slot decodes for a row that is already done while prompts wait.
+  Prompts that share a token prefix (few-shot exemplars) prefill it once. When the cache must outgrow the sliding window, sliding-window
   layers keep a ring of window size (the layers are then run unrolled, as their caches differ in
   length). Prefill and decode are jitted once per generator and compiled once per shape, so
   build one generator for a run of calls (each new generator traces afresh).
@@ -300,15 +301,16 @@ class Generator:
       want = min(refill, int(live.sum())) if queue else int(live.sum())
       rng, sub = jax.random.split(rng)
       state = decode(params, state, jnp.asarray(live), jnp.int32(want), sub)
-      done, lengths = _host(state['done']), _host(state['lengths'])
-      finished = np.flatnonzero(done & live)
-      out = _host(state['out'])
+      finished = np.flatnonzero(_host(state['done']) & live)
+      if not len(finished):
+        continue
+      lengths, out = _host(state['lengths']), _host(state['out'])
       for r in finished:
         results[owner[r]] = _cut(out[r, :lengths[r]], self.eos_id)
       live[finished], owner[finished] = False, -1
-      if on_done is not None and len(finished):
+      if on_done is not None:
         on_done(len(finished))
-      if queue and len(finished):
+      if queue:
         admit_into([int(r) for r in np.flatnonzero(~live)], admit_rows)
     return results
 
@@ -347,7 +349,7 @@ def _cut(row: np.ndarray, eos_id: int) -> list[int]:
 
 def generate(model: model_lib.Transformer, params: Any, prompts: Sequence[Sequence[int]], *,
              sampling: SamplingParams, eos_id: int, **kwargs) -> list[list[int]]:
-  """One batch's completions through a new `Generator` (compiled for this call only).
+  """Completions through a new `Generator` (compiled for this call only).
 
   Args:
     model: the Transformer (with LoRA leaves in `params` if it has a LoraSpec).
@@ -355,7 +357,8 @@ def generate(model: model_lib.Transformer, params: Any, prompts: Sequence[Sequen
     prompts: token ids per prompt, BOS included.
     sampling: greedy when temperature is 0; else temperature / top-k / top-p sampling.
     eos_id: the token that ends a completion.
-    **kwargs: `Generator.__call__`'s pad_id, seed, batch_sharding and min_bucket.
+    **kwargs: `Generator.__call__`'s pad_id, seed, batch_sharding, min_bucket, batch_size and
+      on_done.
 
   Returns:
     One list of generated ids per prompt, cut before EOS.

@@ -120,6 +120,15 @@ class CompileTimer:
     jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
+def emit_json_line(result: Mapping[str, Any], output: str | None) -> None:
+  """Prints a benchmark's result as one JSON line and, on process 0, appends it to `output`."""
+  line = json.dumps(result)
+  print(line, flush=True)
+  if output and jax.process_index() == 0:
+    with open(output, 'a') as f:
+      f.write(line + '\n')
+
+
 def _to_json_value(key: str, value: Any) -> Any:
   if isinstance(value, (bool, str)) or value is None:
     return value
