@@ -189,7 +189,9 @@ class Attention(nn.Module):
 
     q = q * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q.dtype)
     q = q.reshape(*q.shape[:2], k, n // k, h)  # [B, T, K, G, H]
-    logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, key, preferred_element_type=jnp.float32)
+    # Scores as [B, K, T, G, S]: the order a batched matmul over (B, K) yields (the query's free
+    # axes, then the key's), so the softmax runs over the minor axis and nothing is transposed.
+    logits = jnp.einsum('BTKGH,BSKH->BKTGS', q, key, preferred_element_type=jnp.float32)
     if c.attn_logit_softcap is not None:
       logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
     if isinstance(local, bool) or c.sliding_window is None:
@@ -198,9 +200,9 @@ class Attention(nn.Module):
     else:
       full = attention_mask(positions, segment_ids, k_pos, k_seg, None)
       mask = full & (~local | (positions[:, :, None] - k_pos[:, None, :] < c.sliding_window))
-    logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
+    logits = jnp.where(mask[:, None, :, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, val).reshape(*x.shape[:2], n, h)
+    out = jnp.einsum('BKTGS,BSKH->BTKGH', probs, val).reshape(*x.shape[:2], n, h)
     out = proj('o_proj', 'BTNH,NHD->BTD', (n, h, d), in_dims=2)(out, deterministic)
     return out, new_cache
 
