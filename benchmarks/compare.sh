@@ -3,6 +3,8 @@
 # batch 8 x 512, random init; JSON lines appended to OUT (see hf_baseline.py and
 # gemma_sft_jax/benchmark.py for the fields).
 #   benchmarks/compare.sh OUT.jsonl one        # both frameworks, one GPU (2B full, 9B LoRA, 9B full)
+#   benchmarks/compare.sh OUT.jsonl hf|ours    # one framework only (e.g. each on its own GPU of a
+#                                              # two-GPU host at the same time)
 #   benchmarks/compare.sh OUT.jsonl fsdp2      # gemma_sft_jax on two GPUs, mesh.fsdp=2, 8 x 512 per GPU
 set -uo pipefail
 OUT=$1; MODE=$2
@@ -22,16 +24,18 @@ hf() {  # hf ARGS...: sdpa where this transformers accepts it for Gemma 2, else 
       --output "$OUT" "$@" 2>&1 | grep -E '^\{|error' | cut -c1-400
   fi
 }
-if [ "$MODE" = one ]; then
+if [ "$MODE" != fsdp2 ]; then
   export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
-  hf --model gemma2_2b --method full --optimizer adamw_fused
-  hf --model gemma2_9b --method lora --gradient_checkpointing
-  hf --model gemma2_9b --method full --optimizer adamw_8bit --gradient_checkpointing
-  ours size=2b,method=full 8
-  ours size=9b,method=lora 8
-  ours size=9b,method=full 8
-  ours size=9b,method=full 8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj \
-    --tag=remat_save5
+  if [ "$MODE" != ours ]; then
+    hf --model gemma2_2b --method full --optimizer adamw_fused
+    hf --model gemma2_9b --method lora --gradient_checkpointing
+    hf --model gemma2_9b --method full --optimizer adamw_8bit --gradient_checkpointing
+  fi
+  if [ "$MODE" != hf ]; then
+    ours size=2b,method=full 8
+    ours size=9b,method=lora 8
+    ours size=9b,method=full 8
+  fi
 else
   export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1}
   for case in size=2b,method=full size=9b,method=lora size=9b,method=full; do

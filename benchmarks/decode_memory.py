@@ -26,6 +26,7 @@ def main() -> None:
   p.add_argument('--length', type=int, default=1570)
   p.add_argument('--max_new_tokens', type=int, default=256)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--unroll', action='store_true', help='unrolled layers, a cache per layer')
   p.add_argument('--root', default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   p.add_argument('--output')
   args = p.parse_args()
@@ -38,7 +39,7 @@ def main() -> None:
 
   dtype = jnp.float32 if args.dtype == 'float32' else jnp.bfloat16
   model = model_lib.Transformer(architecture.VARIANTS[args.variant], dtype=dtype,
-                                param_dtype=dtype, scan_layers=True)
+                                param_dtype=dtype, scan_layers=not args.unroll)
   state = jax.eval_shape(functools.partial(
       sampler._empty_state, model, slots=args.slots, length=args.length, ring=False,  # pylint: disable=protected-access
       max_new_tokens=args.max_new_tokens))
@@ -56,6 +57,7 @@ def main() -> None:
   line = json.dumps({
       'what': 'decode program memory', 'variant': args.variant, 'slots': args.slots,
       'cache_length': args.length, 'dtype': args.dtype, 'commit': commit,
+      'unroll': args.unroll,
       'cache_gib': sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state['cache'])) / gib,
       'arguments_gib': m.argument_size_in_bytes / gib, 'temporaries_gib': m.temp_size_in_bytes / gib,
       'outputs_gib': m.output_size_in_bytes / gib, 'aliased_gib': m.alias_size_in_bytes / gib,

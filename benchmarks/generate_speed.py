@@ -18,6 +18,7 @@ import datetime
 import time
 
 from absl import flags
+from absl import logging
 import jax
 import numpy as np
 from ml_collections import config_flags
@@ -47,6 +48,7 @@ def _define_flags():
       flags.DEFINE_integer('batch', 128, 'Decode slots.'),
       flags.DEFINE_integer('max_new_tokens', 256, 'Tokens per completion.'),
       flags.DEFINE_integer('repeat', 1, 'Calls of the same generator to time.'),
+      flags.DEFINE_bool('unroll', False, 'Decode with unrolled layers (sampler.Generator).'),
       flags.DEFINE_string('output', None, 'Append the JSON line to this file.'),
       flags.DEFINE_string('tag', '', 'Free-form label stored in the JSON line.'))
   flags.mark_flag_as_required('config')
@@ -72,7 +74,7 @@ def _prompts(vocab: int, tokenizer: str, num_shots: int, prefix: int, suffix: st
 
 
 def _bench(config, tokenizer, num_shots, prefix, suffix, questions, batch, max_new_tokens,
-           repeat, output, tag):
+           repeat, unroll, output, tag):
   if not config.model.checkpoint:
     config.model.tokenizer = config.model.tokenizer or 'byte'
   mesh = sharding.make_mesh(**config.mesh)
@@ -80,13 +82,19 @@ def _bench(config, tokenizer, num_shots, prefix, suffix, questions, batch, max_n
   params = models.init_params(setup, mesh=mesh, seed=0)
   prompts, source = _prompts(setup.config.vocab_size, tokenizer, num_shots, prefix, suffix,
                              questions)
-  generate = sampler.Generator(setup.model, eos_id=-1,
+  generate = sampler.Generator(setup.model, eos_id=-1, unroll=unroll,
                                sampling=sampler.SamplingParams(max_new_tokens=max_new_tokens))
   calls = []
   for _ in range(repeat):
     t0 = time.perf_counter()
+    done = [0]
+
+    def progress(k, t0=t0, done=done):
+      done[0] += k
+      logging.info('%d/%d questions, %.1f s', done[0], len(prompts), time.perf_counter() - t0)
+
     with metrics_lib.CompileTimer() as compiling:
-      out = generate(params, prompts, batch_size=batch,
+      out = generate(params, prompts, batch_size=batch, on_done=progress,
                      batch_sharding=sharding.batch_sharding(mesh))
     calls.append({'seconds': time.perf_counter() - t0, 'compile_seconds': compiling.seconds})
   lengths = np.array([len(p) for p in prompts])
@@ -107,7 +115,7 @@ def _bench(config, tokenizer, num_shots, prefix, suffix, questions, batch, max_n
       'peak_memory_gib': (metrics_lib.device_memory() or 0) / _GIB,
       'device': jax.devices()[0].device_kind, 'n_devices': mesh.size,
       'param_dtype': config.model.param_dtype, 'dtype': config.model.dtype,
-      'scan_layers': config.model.scan_layers, 'jax': jax.__version__,
+      'scan_layers': config.model.scan_layers, 'unroll': unroll, 'jax': jax.__version__,
       'date': datetime.datetime.now(datetime.timezone.utc).date().isoformat(), 'tag': tag,
   }
   metrics_lib.emit_json_line(result, output)

@@ -20,8 +20,8 @@ for case in "$@"; do
       --config.model.checkpoint= --config.train.batch_size=8 --config.train.seq_len=512 --steps=6 \
       --profile="$trace" --tag="${TAG:-profile}_$case" --output="$OUT/bench.jsonl" ${BENCH_FLAGS:-} \
       2>&1 | grep -E '^\{|compiled step|Error|error' | cut -c1-300
-  python3 benchmarks/trace_top.py "$trace" --top 80 --tag="${TAG:-profile}_$case" \
-    --json "$OUT/trace.jsonl" | head -30
+  python3 benchmarks/trace_top.py "$trace" --top 25 --tag="${TAG:-profile}_$case" \
+    --json "$OUT/trace.jsonl"
   hlo=$(ls -S "$dump"/*after_optimizations.txt 2>/dev/null | head -1)
   [ -n "$hlo" ] && gzip -c "$hlo" > "$OUT/hlo_${TAG:-profile}_$case.txt.gz"
   rm -rf "$dump" "$trace"

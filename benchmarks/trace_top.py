@@ -4,8 +4,8 @@ r"""Where a traced step's device time goes: the kernels of a Perfetto trace, sum
 
 TRACE_DIR is what `python -m gemma_sft_jax.benchmark --profile=TRACE_DIR` wrote (the newest
 `perfetto_trace.json.gz` under it is read). Only events on device (GPU/TPU) tracks count. Prints
-each kernel's total time per step, its share, and the number of launches per step; with --json,
-appends one JSON line with the same table.
+each kernel's total time per step, its share, and the number of launches per step (the --top
+largest); with --json, appends one JSON line with every kernel.
 """
 
 import argparse
@@ -62,7 +62,7 @@ def main() -> None:
   if args.json:
     with open(args.json, 'a') as f:
       f.write(json.dumps({'tag': args.tag, 'trace': found[-1], 'device_ms_per_step': busy,
-                          'kernels': rows[:args.top]}) + '\n')
+                          'kernels': rows}) + '\n')
 
 
 if __name__ == '__main__':

@@ -148,7 +148,7 @@ def test_ring_cache_matches_full_forward_past_the_window():
   params = model.init(jax.random.key(1), tokens)['params']
   full, _ = model.apply({'params': params}, tokens)
   cache = kv_cache.init_cache(config, 2, 30, jnp.float32, ring=True)
-  lengths = {c['k'].shape[1] for c in cache.values()}
+  lengths = {c['k'].shape[2] for c in cache.values()}  # k: [B, K, S, H]
   assert lengths == {7, 30}
   call = jax.jit(lambda p, x, pos, c: model.apply({'params': p}, x, pos, cache=c))
   steps = []
@@ -164,12 +164,13 @@ def test_cache_writes_each_token_at_its_position_modulo_the_slots():
   a prefill skips its padding and keeps only the positions a ring of its length can hold."""
   config = architecture.VARIANTS['tiny_gemma2']
   cache = kv_cache.init_cache(config, 3, 8, jnp.float32)['layer_0']
+  heads, dim = cache['k'].shape[1], cache['k'].shape[3]  # k: [B, K, S, H]
   kv = lambda b, t: jnp.arange(b * t, dtype=jnp.float32).reshape(b, t, 1, 1) * jnp.ones(
-      (1, 1, *cache['k'].shape[2:]))
+      (1, 1, heads, dim))
   step = kv_cache.write_cache(cache, kv(3, 1), kv(3, 1), jnp.asarray([[4], [0], [15]]),
                                jnp.ones((3, 1), jnp.int32))
   assert list(zip(*np.asarray(step['seg']).nonzero())) == [(0, 4), (1, 0), (2, 7)]  # 15 % 8
-  assert np.asarray(step['k'])[2, 7, 0, 0] == 2 and np.asarray(step['pos'])[2, 7] == 15
+  assert np.asarray(step['k'])[2, 0, 7, 0] == 2 and np.asarray(step['pos'])[2, 7] == 15
   # Row 0: 2 padding tokens then positions 0..9 (the ring keeps 2..9); row 1: positions 0..11.
   seg = jnp.asarray([[0, 0] + [1] * 10, [1] * 12])
   pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
@@ -177,7 +178,7 @@ def test_cache_writes_each_token_at_its_position_modulo_the_slots():
   pre = kv_cache.write_cache(two, kv(2, 12), kv(2, 12), pos, seg)
   np.testing.assert_array_equal(np.asarray(pre['pos']), [[8, 9, 2, 3, 4, 5, 6, 7],
                                                          [8, 9, 10, 11, 4, 5, 6, 7]])
-  assert np.asarray(pre['k'])[0, 2, 0, 0] == 4  # Position 2 of row 0 is its token 4.
+  assert np.asarray(pre['k'])[0, 0, 2, 0] == 4  # Position 2 of row 0 is its token 4.
 
 
 def test_remat_gives_same_gradients():

@@ -223,6 +223,10 @@ def test_ring_cache_is_used_past_the_window_only(monkeypatch):
     assert {m[1] for m in made} == {ring} and {m[2] for m in made} == {not ring}
     if ring:  # The unrolled twin of a scanned model decodes like the unrolled model.
       assert got == sampler.generate(model, params, prompts, eos_id=NO_EOS, sampling=sampling)
+    made.clear()  # unroll=True: a cache per layer, the same completions.
+    assert got == sampler.Generator(scanned, sampling=sampling, eos_id=NO_EOS, unroll=True)(
+        stacked, prompts)
+    assert {m[2] for m in made} == {False}
 
 
 def test_bucket():

@@ -196,21 +196,25 @@ class Generator:
   build one generator for a run of calls (each new generator traces afresh).
   """
 
-  def __init__(self, model: model_lib.Transformer, *, sampling: SamplingParams, eos_id: int):
+  def __init__(self, model: model_lib.Transformer, *, sampling: SamplingParams, eos_id: int,
+               unroll: bool = False):
     """Builds the generator.
 
     Args:
       model: the Transformer (with LoRA leaves in the params if it has a LoraSpec).
       sampling: greedy when temperature is 0; else temperature / top-k / top-p sampling.
       eos_id: the token that ends a completion.
+      unroll: decode a scanned model's layers unrolled, each with a cache of its own (its
+        parameters are unstacked per call: one more copy of the layer weights on device).
     """
     self.model, self.sampling, self.eos_id = model, sampling, eos_id
+    self.unroll = unroll
     self._jitted: dict[Any, Any] = {}
 
   def _programs(self, ring: bool):
     """(model, jitted prefix / admit / decode / empty state) for ring or full caches."""
     if ring not in self._jitted:
-      model = self.model.clone(scan_layers=False) if ring else self.model
+      model = self.model.clone(scan_layers=False) if ring or self.unroll else self.model
       kw = dict(sampling=self.sampling, eos_id=self.eos_id)
       self._jitted[ring] = (
           model,
@@ -254,7 +258,7 @@ class Generator:
     ring = bool(c.sliding_window and architecture.SLIDING in c.layer_types
                 and length > c.sliding_window)
     model, prefix_fn, admit, decode, empty = self._programs(ring)
-    if ring and self.model.scan_layers:
+    if self.model.scan_layers and not model.scan_layers:
       params = model_lib.unstack_layers(params, c.num_layers)
     # Back to the host once a quarter of the slots have finished; prompts are prefilled up to
     # `admit` at a time (a quarter of the slots, or all of a small batch): each prefill holds a

@@ -1,6 +1,10 @@
 """The explicit KV cache: {'layer_i': {'k', 'v', 'pos', 'seg'}} per layer, or {'layers': ...} with a
 leading [L] axis for scanned layers. A token goes to slot `position % slots`, so a sliding-window
 layer may keep a ring of window size; segment id 0 marks an empty slot.
+
+Keys and values are stored [B, K, S, H] (batch, kv heads, slots, head dim), `pos` and `seg`
+[B, S]: the layout the attention matmul reads (batched over B and K, contracting H), so the cache
+is read as it lies instead of being transposed at every decode step.
 """
 
 from __future__ import annotations
@@ -26,17 +30,20 @@ def write_cache(cache: dict[str, Array], key: Array, val: Array, positions: Arra
   With `layer`, `cache` is stacked ([L, B, S, ...]) and only that layer is written.
   """
   lead = () if layer is None else (layer,)
-  size = cache['k'].shape[len(lead) + 1]
+  size = cache['pos'].shape[-1]
   positions = positions.astype(jnp.int32)
   slots = positions % size
   rows = jnp.arange(key.shape[0])[:, None]
   if key.shape[1] > 1:  # A prefill: padding and positions a ring has no room for are dropped.
     last = jnp.max(jnp.where(segment_ids > 0, positions, -1), axis=1, keepdims=True)
     slots = jnp.where((segment_ids > 0) & (positions > last - size), slots, size)
-  # One scatter per array, indexed by (layer,) row, slot: it updates the cache in place.
-  put = lambda a, new: a.at[(*lead, rows, slots)].set(new.astype(a.dtype), mode='drop',
-                                                      unique_indices=True)
-  return {'k': put(cache['k'], key), 'v': put(cache['v'], val),
+  # One scatter per array, indexed by (layer,) row, slot: it updates the cache in place. For
+  # keys and values the kv-head axis sits between row and slot; the indexed result is then
+  # [B, T, K, H] (NumPy puts index axes first when a slice separates them), as `key` is.
+  put = lambda a, new, *mid: a.at[(*lead, rows, *mid, slots)].set(
+      new.astype(a.dtype), mode='drop', unique_indices=True)
+  every = slice(None)
+  return {'k': put(cache['k'], key, every), 'v': put(cache['v'], val, every),
           'pos': put(cache['pos'], positions), 'seg': put(cache['seg'], segment_ids)}
 
 
@@ -60,7 +67,7 @@ def init_cache(config: architecture.ModelConfig, batch_size: int, length: int,
     raise ValueError('a ring cache needs unrolled layers (its layers differ in length)')
 
   def layer(lead, n):
-    k_shape = (*lead, batch_size, n, config.num_kv_heads, config.head_dim)
+    k_shape = (*lead, batch_size, config.num_kv_heads, n, config.head_dim)
     return {'k': jnp.zeros(k_shape, dtype), 'v': jnp.zeros(k_shape, dtype),
             'pos': jnp.zeros((*lead, batch_size, n), jnp.int32),
             'seg': jnp.zeros((*lead, batch_size, n), jnp.int32)}

@@ -182,16 +182,21 @@ class Attention(nn.Module):
       else:
         # Several tokens (a prefill): what the cache held before them, then their own keys, so
         # that writing into a ring does not drop keys the earlier of them still need.
-        parts = (view(stacked), {'k': key, 'v': val, 'pos': positions, 'seg': segment_ids})
-      cat = lambda name, dtype: jnp.concatenate([p[name].astype(dtype) for p in parts], axis=1)
-      key, val = cat('k', self.dtype), cat('v', self.dtype)
-      k_pos, k_seg = cat('pos', jnp.int32), cat('seg', jnp.int32)
+        parts = (view(stacked), {'k': jnp.swapaxes(key, 1, 2), 'v': jnp.swapaxes(val, 1, 2),
+                                 'pos': positions, 'seg': segment_ids})
+      # Keys and values [B, K, S, H] (the cache's layout) join along S, positions along theirs.
+      cat = lambda name, dtype, axis: jnp.concatenate([p[name].astype(dtype) for p in parts],
+                                                      axis=axis)
+      key, val = cat('k', self.dtype, 2), cat('v', self.dtype, 2)
+      k_pos, k_seg = cat('pos', jnp.int32, 1), cat('seg', jnp.int32, 1)
+    else:
+      key, val = jnp.swapaxes(key, 1, 2), jnp.swapaxes(val, 1, 2)  # [B, K, S, H]
 
     q = q * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q.dtype)
     q = q.reshape(*q.shape[:2], k, n // k, h)  # [B, T, K, G, H]
     # Scores as [B, K, T, G, S]: the order a batched matmul over (B, K) yields (the query's free
     # axes, then the key's), so the softmax runs over the minor axis and nothing is transposed.
-    logits = jnp.einsum('BTKGH,BSKH->BKTGS', q, key, preferred_element_type=jnp.float32)
+    logits = jnp.einsum('BTKGH,BKSH->BKTGS', q, key, preferred_element_type=jnp.float32)
     if c.attn_logit_softcap is not None:
       logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
     if isinstance(local, bool) or c.sliding_window is None:
@@ -202,7 +207,7 @@ class Attention(nn.Module):
       mask = full & (~local | (positions[:, :, None] - k_pos[:, None, :] < c.sliding_window))
     logits = jnp.where(mask[:, None, :, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('BKTGS,BSKH->BTKGH', probs, val).reshape(*x.shape[:2], n, h)
+    out = jnp.einsum('BKTGS,BKSH->BTKGH', probs, val).reshape(*x.shape[:2], n, h)
     out = proj('o_proj', 'BTNH,NHD->BTD', (n, h, d), in_dims=2)(out, deterministic)
     return out, new_cache
 
