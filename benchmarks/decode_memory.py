@@ -47,7 +47,7 @@ def main() -> None:
       sampler._decode, model, eos_id=1,  # pylint: disable=protected-access
       sampling=sampler.SamplingParams(max_new_tokens=args.max_new_tokens)),
       donate_argnames='state')
-  compiled = decode.lower(model_lib.param_shapes(model), state,
+  compiled = decode.lower(model_lib.param_shapes(model), state, None,
                           jax.ShapeDtypeStruct((args.slots,), bool),
                           jax.ShapeDtypeStruct((), jnp.int32), jax.random.key(0)).compile()
   m = compiled.memory_analysis()

@@ -159,6 +159,29 @@ def test_ring_cache_matches_full_forward_past_the_window():
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-4)
 
 
+@pytest.mark.parametrize('variant,scan', [('tiny_gemma2', True), ('tiny_gemma3', False)])
+def test_shared_prefix_matches_full_forward(variant, scan):
+  """Rows that continue one shared prefix, held once ([1, ...]) and read through `shared`, give
+  the full forward's logits: a prefill of their own tokens, then one-token steps. The tiny
+  Gemma 3's own cache is a ring (7-token window) past the prefix."""
+  config = architecture.VARIANTS[variant]
+  model = model_lib.Transformer(config, scan_layers=scan)
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, config.vocab_size, size=(3, 30)))
+  tokens = tokens.at[:, :12].set(tokens[0, :12])
+  params = model.init(jax.random.key(2), tokens)['params']
+  full, _ = model.apply({'params': params}, tokens)
+  call = jax.jit(lambda p, x, pos, c, sh: model.apply({'params': p}, x, pos, cache=c, shared=sh))
+  shared = kv_cache.init_cache(config, 1, 12, jnp.float32, stacked=scan)
+  _, shared = call(params, tokens[:1, :12], None, shared, None)
+  cache = kv_cache.init_cache(config, 3, 18, jnp.float32, stacked=scan, ring=not scan)
+  steps = []
+  for lo, hi in ((12, 20),) + tuple((t, t + 1) for t in range(20, 30)):
+    pos = jnp.broadcast_to(jnp.arange(lo, hi, dtype=jnp.int32), (3, hi - lo))
+    logits, cache = call(params, tokens[:, lo:hi], pos, cache, shared)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full[:, 12:], atol=1e-4)
+
+
 def test_cache_writes_each_token_at_its_position_modulo_the_slots():
   """Rows of a decode batch at different positions write at their own slots (wrapping in a ring);
   a prefill skips its padding and keeps only the positions a ring of its length can hold."""

@@ -5,7 +5,8 @@ A `Generator` decodes a fixed number of slots and keeps them busy: a slot whose 
 alone, while the others keep decoding. Prompts are left-padded to one bucketed length (so a whole
 evaluation compiles a prefill and a decode program once); padding has segment id 0, which the
 attention mask keeps out. A token prefix all prompts share (a few-shot prompt's exemplars) is
-prefilled once and copied into each slot. Each slot's cache holds prefix + prompt bucket +
+prefilled once into a one-row cache that every slot's attention reads (`shared`: its keys are
+read once per step, not once per slot). Each slot's own cache holds prompt bucket +
 max_new_tokens slots, except that sliding-window layers keep a ring of window size when that is
 shorter. Stop sequences are an early exit only: callers still cut completions at their stop
 strings in text.
@@ -87,12 +88,13 @@ def _rows_axis(model: model_lib.Transformer) -> int:
   return 1 if model.scan_layers else 0  # Stacked caches lead with the layer axis.
 
 
-def _prefill(model, params, tokens, segments, cache, start):
+def _prefill(model, params, tokens, segments, cache, start, shared=None):
   """Runs `tokens` [R, T] (left-padded, segment 0 = padding) into `cache`, their positions
-  counted from `start`: (last hidden state [R, D], new cache)."""
+  counted from `start` (after the `shared` prefix cache, if any): (last hidden state [R, D],
+  new cache)."""
   positions = jnp.maximum(start + jnp.cumsum(segments, axis=1) - 1, 0).astype(jnp.int32)
   hidden, cache = model.apply({'params': params}, tokens, positions, segments, cache=cache,
-                              return_hidden=True)
+                              return_hidden=True, shared=shared)
   return hidden[:, -1], cache
 
 
@@ -101,10 +103,10 @@ def _head(model, params, hidden):
                                  model.config.final_logit_softcap)
 
 
-def _prefix_cache(model, params, tokens, *, length: int, ring: bool):
-  """The shared prefix [1, P] prefilled into a one-row cache of `length` slots."""
-  cache = kv_cache.init_cache(model.config, 1, length, model.dtype, stacked=model.scan_layers,
-                               ring=ring)
+def _prefix_cache(model, params, tokens):
+  """The shared prefix [1, P] prefilled into a one-row cache of P slots."""
+  cache = kv_cache.init_cache(model.config, 1, tokens.shape[1], model.dtype,
+                               stacked=model.scan_layers)
   return _prefill(model, params, tokens, jnp.ones_like(tokens), cache, 0)[1]
 
 
@@ -121,14 +123,9 @@ def _admit(model, params, state, prefix, tokens, segments, rows, rng, *, samplin
   [R] (index B = a padding row, dropped) and chooses each one's first token."""
   p = sampling
   r, t = tokens.shape
-  if prefix is None:
-    length = state['out'].shape[1] + t
-    cache = kv_cache.init_cache(model.config, r, length, model.dtype, stacked=model.scan_layers,
-                                 ring=ring)
-  else:
-    axis = _rows_axis(model)
-    cache = jax.tree.map(lambda a: jnp.repeat(a, r, axis=axis), prefix)
-  hidden, cache = _prefill(model, params, tokens, segments, cache, prefix_len)
+  cache = kv_cache.init_cache(model.config, r, state['out'].shape[1] + t, model.dtype,
+                               stacked=model.scan_layers, ring=ring)
+  hidden, cache = _prefill(model, params, tokens, segments, cache, prefix_len, shared=prefix)
   first = _choose(_head(model, params, hidden), rng, p)
   out = jnp.zeros((r, p.max_new_tokens), jnp.int32).at[:, 0].set(first)
   lengths = jnp.ones((r,), jnp.int32)
@@ -142,8 +139,9 @@ def _admit(model, params, state, prefix, tokens, segments, rows, rng, *, samplin
   return state
 
 
-def _decode(model, params, state, live, want, rng, *, sampling, eos_id):
-  """Decodes every slot one token at a time until `want` live slots are done (or all are)."""
+def _decode(model, params, state, prefix, live, want, rng, *, sampling, eos_id):
+  """Decodes every slot one token at a time until `want` live slots are done (or all are);
+  `prefix` is the shared prefix cache (or None)."""
   p = sampling
   b = live.shape[0]
 
@@ -154,7 +152,7 @@ def _decode(model, params, state, live, want, rng, *, sampling, eos_id):
   def body(s):
     hidden, cache = model.apply({'params': params}, s['token'][:, None], s['pos'][:, None],
                                 jnp.ones((b, 1), jnp.int32), cache=s['cache'],
-                                return_hidden=True)
+                                return_hidden=True, shared=prefix)
     rng, sub = jax.random.split(s['rng'])
     token = _choose(_head(model, params, hidden[:, 0]), sub, p)
     going = ~s['done']
@@ -190,7 +188,8 @@ class Generator:
   The decode batch is a set of slots kept full: when a quarter of them have finished, their
   completions are collected and the next prompts are prefilled into them (a quarter of the slots,
   or 16, at a time), so no slot decodes for a row that is already done while prompts wait.
-  Prompts that share a token prefix (few-shot exemplars) prefill it once. When the cache must outgrow the sliding window, sliding-window
+  Prompts that share a token prefix (few-shot exemplars) prefill it once, into one cache that
+  every slot reads. When a slot's cache must outgrow the sliding window, sliding-window
   layers keep a ring of window size (the layers are then run unrolled, as their caches differ in
   length). Prefill and decode are jitted once per generator and compiled once per shape, so
   build one generator for a run of calls (each new generator traces afresh).
@@ -218,7 +217,7 @@ class Generator:
       kw = dict(sampling=self.sampling, eos_id=self.eos_id)
       self._jitted[ring] = (
           model,
-          jax.jit(functools.partial(_prefix_cache, model, ring=ring), static_argnames='length'),
+          jax.jit(functools.partial(_prefix_cache, model)),
           jax.jit(functools.partial(_admit, model, ring=ring, **kw),
                   static_argnames='prefix_len', donate_argnames='state'),
           jax.jit(functools.partial(_decode, model, **kw), donate_argnames='state'),
@@ -254,7 +253,7 @@ class Generator:
     shared = common_prefix(prompts) if n > 1 else 0
     shared = shared if shared >= min_bucket else 0
     t = bucket(max(len(x) for x in prompts) - shared, min_bucket)
-    length = shared + t + p.max_new_tokens
+    length = t + p.max_new_tokens  # Each slot's own cache; the shared prefix is held once.
     ring = bool(c.sliding_window and architecture.SLIDING in c.layer_types
                 and length > c.sliding_window)
     model, prefix_fn, admit, decode, empty = self._programs(ring)
@@ -269,7 +268,7 @@ class Generator:
     put = functools.partial(_shard, batch_sharding)
     prefix = None
     if shared:
-      prefix = prefix_fn(params, jnp.asarray([prompts[0][:shared]], jnp.int32), length=length)
+      prefix = prefix_fn(params, jnp.asarray([prompts[0][:shared]], jnp.int32))
     state = empty(slots=slots, length=length)
     if batch_sharding is not None and slots % _shards(batch_sharding) == 0:
       state = jax.device_put(state, _state_sharding(state, batch_sharding, model))
@@ -304,7 +303,7 @@ class Generator:
     while live.any():
       want = min(refill, int(live.sum())) if queue else int(live.sum())
       rng, sub = jax.random.split(rng)
-      state = decode(params, state, jnp.asarray(live), jnp.int32(want), sub)
+      state = decode(params, state, prefix, jnp.asarray(live), jnp.int32(want), sub)
       finished = np.flatnonzero(_host(state['done']) & live)
       if not len(finished):
         continue

@@ -144,7 +144,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array,
-               cache: dict[str, Array] | None, deterministic: bool, local: Array | None = None
+               cache: dict[str, Array] | None, deterministic: bool, local: Array | None = None,
+               shared: dict[str, Array] | None = None
                ) -> tuple[Array, dict[str, Array] | None]:
     c = self.config
     n, k, h, d = c.num_heads, c.num_kv_heads, c.head_dim, c.embed_dim
@@ -197,6 +198,15 @@ class Attention(nn.Module):
     # Scores as [B, K, T, G, S]: the order a batched matmul over (B, K) yields (the query's free
     # axes, then the key's), so the softmax runs over the minor axis and nothing is transposed.
     logits = jnp.einsum('BTKGH,BKSH->BKTGS', q, key, preferred_element_type=jnp.float32)
+    if shared is not None:
+      # A prefix every row shares (one copy, [1, K, P, H]): its scores come first, from one
+      # matmul over all rows, and its keys are read once per step instead of once per row.
+      shared_k, shared_v = shared['k'][0].astype(self.dtype), shared['v'][0].astype(self.dtype)
+      logits = jnp.concatenate([jnp.einsum('BTKGH,KSH->BKTGS', q, shared_k,
+                                           preferred_element_type=jnp.float32), logits], axis=-1)
+      rows = lambda a: jnp.broadcast_to(a, (x.shape[0], a.shape[1])).astype(jnp.int32)
+      k_pos = jnp.concatenate([rows(shared['pos']), k_pos], axis=1)
+      k_seg = jnp.concatenate([rows(shared['seg']), k_seg], axis=1)
     if c.attn_logit_softcap is not None:
       logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
     if isinstance(local, bool) or c.sliding_window is None:
@@ -207,7 +217,13 @@ class Attention(nn.Module):
       mask = full & (~local | (positions[:, :, None] - k_pos[:, None, :] < c.sliding_window))
     logits = jnp.where(mask[:, None, :, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('BKTGS,BKSH->BTKGH', probs, val).reshape(*x.shape[:2], n, h)
+    if shared is not None:
+      p = shared_k.shape[1]
+      out = (jnp.einsum('BKTGS,KSH->BTKGH', probs[..., :p], shared_v) +
+             jnp.einsum('BKTGS,BKSH->BTKGH', probs[..., p:], val))
+    else:
+      out = jnp.einsum('BKTGS,BKSH->BTKGH', probs, val)
+    out = out.reshape(*x.shape[:2], n, h)
     out = proj('o_proj', 'BTNH,NHD->BTD', (n, h, d), in_dims=2)(out, deterministic)
     return out, new_cache
 
@@ -232,8 +248,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """One decoder layer: pre/post-normed attention and MLP, each with a residual.
 
-  The call signature is the body of `nn.scan`: (carry, per-layer (local flag, cache), broadcast
-  arguments...) -> (carry, new cache). Unrolled layers pass local=None, know their `layer_type`
+  The call signature is the body of `nn.scan`: (carry, per-layer (local flag, cache, shared
+  prefix cache), broadcast arguments...) -> (carry, new cache). Unrolled layers pass local=None, know their `layer_type`
   and carry x with their own cache. Scanned layers with a KV cache carry (x, the stacked cache),
   get their layer index in place of a cache and write into the stacked cache in place.
   """
@@ -249,7 +265,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, carry, per_layer, positions, segment_ids, deterministic):
-    local, cache = per_layer
+    local, cache, shared = per_layer
     # Scanned layers with a KV cache carry (x, the stacked cache) and get their index as `cache`.
     x, stacked = carry if isinstance(carry, tuple) else (carry, None)
     if stacked is not None:
@@ -258,7 +274,7 @@ class Block(nn.Module):
     h = RMSNorm(c.rms_norm_eps, pd, name='pre_attention_norm')(x)
     h, new_cache = Attention(c, self.layer_type, self.dtype, pd, self.attn_lora, self.lora_spec,
                              name='attn')(h, positions, segment_ids, cache,
-                                          deterministic, local)
+                                          deterministic, local, shared)
     x = x + RMSNorm(c.rms_norm_eps, pd, name='post_attention_norm')(h)
     h = RMSNorm(c.rms_norm_eps, pd, name='pre_ffw_norm')(x)
     h = MLP(c, self.dtype, pd, self.mlp_lora, self.lora_spec, name='mlp')(h, deterministic)
@@ -356,8 +372,8 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens: Array, positions: Array | None = None,
                segment_ids: Array | None = None, cache: Cache | None = None,
-               *, deterministic: bool = True,
-               return_hidden: bool = False) -> tuple[Array, Cache | None]:
+               *, deterministic: bool = True, return_hidden: bool = False,
+               shared: Cache | None = None) -> tuple[Array, Cache | None]:
     """Runs the decoder.
 
     Args:
@@ -370,6 +386,9 @@ class Transformer(nn.Module):
       deterministic: False enables LoRA dropout (needs a 'dropout' rng).
       return_hidden: return the final-normed hidden states [B, T, D] instead of logits, for the
         chunked loss (loss.py), which never forms the full [B, T, V] logits.
+      shared: optional one-row cache of a prefix every row continues (a few-shot prompt's
+        exemplars), read and never written: attention runs over it, then over `cache`. The
+        positions of this call and of `cache` continue after it.
 
     Returns:
       (logits [B, T, V] in fp32, or hidden [B, T, D]), and the new cache (None without one).
@@ -384,16 +403,20 @@ class Transformer(nn.Module):
     new_cache = {} if cache is not None else None
     if self.scan_layers:
       local = jnp.asarray([t == architecture.SLIDING for t in self.config.layer_types])
+      stacked_shared = shared['layers'] if shared is not None else None
       if cache is None:
-        x, _ = self.layers(x, (local, None), positions, segment_ids, deterministic)
+        x, _ = self.layers(x, (local, None, stacked_shared), positions, segment_ids,
+                           deterministic)
       else:  # The stacked cache rides in the carry; each layer writes its own slice in place.
         index = jnp.arange(self.config.num_layers)
-        (x, new_cache['layers']), _ = self.layers((x, cache['layers']), (local, index),
+        (x, new_cache['layers']), _ = self.layers((x, cache['layers']),
+                                                  (local, index, stacked_shared),
                                                   positions, segment_ids, deterministic)
     else:
       for i, layer in enumerate(self.layers):
         layer_cache = cache[f'layer_{i}'] if cache is not None else None
-        x, c = layer(x, (None, layer_cache), positions, segment_ids, deterministic)
+        layer_shared = shared[f'layer_{i}'] if shared is not None else None
+        x, c = layer(x, (None, layer_cache, layer_shared), positions, segment_ids, deterministic)
         if cache is not None:
           new_cache[f'layer_{i}'] = c
     x = self.final_norm(x)
