@@ -48,7 +48,7 @@ def _define_flags():
       flags.DEFINE_integer('batch', 128, 'Decode slots.'),
       flags.DEFINE_integer('max_new_tokens', 256, 'Tokens per completion.'),
       flags.DEFINE_integer('repeat', 1, 'Calls of the same generator to time.'),
-      flags.DEFINE_bool('unroll', False, 'Decode with unrolled layers (sampler.Generator).'),
+      flags.DEFINE_bool('unroll', True, 'Decode with unrolled layers (sampler.Generator).'),
       flags.DEFINE_string('output', None, 'Append the JSON line to this file.'),
       flags.DEFINE_string('tag', '', 'Free-form label stored in the JSON line.'))
   flags.mark_flag_as_required('config')

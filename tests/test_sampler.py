@@ -219,13 +219,13 @@ def test_ring_cache_is_used_past_the_window_only(monkeypatch):
   for new_tokens, ring in ((8, False), (9, True)):  # 32-token bucket + 8 = 40 slots: no ring.
     made.clear()
     sampling = sampler.SamplingParams(max_new_tokens=new_tokens)
-    got = sampler.generate(scanned, stacked, prompts, eos_id=NO_EOS, sampling=sampling)
+    got = sampler.Generator(scanned, sampling=sampling, eos_id=NO_EOS, unroll=False)(
+        stacked, prompts)
     assert {m[1] for m in made} == {ring} and {m[2] for m in made} == {not ring}
     if ring:  # The unrolled twin of a scanned model decodes like the unrolled model.
       assert got == sampler.generate(model, params, prompts, eos_id=NO_EOS, sampling=sampling)
-    made.clear()  # unroll=True: a cache per layer, the same completions.
-    assert got == sampler.Generator(scanned, sampling=sampling, eos_id=NO_EOS, unroll=True)(
-        stacked, prompts)
+    made.clear()  # By default (unroll=True): a cache per layer, the same completions.
+    assert got == sampler.generate(scanned, stacked, prompts, eos_id=NO_EOS, sampling=sampling)
     assert {m[2] for m in made} == {False}
 
 
