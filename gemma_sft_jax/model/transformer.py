@@ -217,10 +217,12 @@ class Attention(nn.Module):
       mask = full & (~local | (positions[:, :, None] - k_pos[:, None, :] < c.sliding_window))
     logits = jnp.where(mask[:, None, :, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    if shared is not None:
-      p = shared_k.shape[1]
-      out = (jnp.einsum('BKTGS,KSH->BTKGH', probs[..., :p], shared_v) +
-             jnp.einsum('BKTGS,BKSH->BTKGH', probs[..., p:], val))
+    if shared is not None:  # The two parts of the weighted sum, added in fp32.
+      split = shared_k.shape[1]
+      out = (jnp.einsum('BKTGS,KSH->BTKGH', probs[..., :split], shared_v,
+                        preferred_element_type=jnp.float32) +
+             jnp.einsum('BKTGS,BKSH->BTKGH', probs[..., split:], val,
+                        preferred_element_type=jnp.float32)).astype(self.dtype)
     else:
       out = jnp.einsum('BKTGS,BKSH->BTKGH', probs, val)
     out = out.reshape(*x.shape[:2], n, h)
