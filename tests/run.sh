@@ -7,8 +7,6 @@ python3 -m venv .venv
 . .venv/bin/activate
 # torch 2.13.0 first: on the CPU machines that pin resolves to the local CPU build, so the
 # `torch>=2.5` of the test extra is already satisfied and no CUDA build is downloaded.
-# --no-compile: no bytecode for the thousands of modules installed (Python compiles the ones the
-# tests import, once); it halves the install time.
-python -m pip install -q --no-compile torch==2.13.0
-python -m pip install -q --no-compile -e '.[test]'
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e '.[test]'
 python -m pytest -q -p no:cacheprovider "$@"
