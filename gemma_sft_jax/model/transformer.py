@@ -22,7 +22,8 @@ LoRA adds `lora_a` [D, R] and `lora_b` [R, ...out] beside a targeted `kernel` (l
 the adapter's einsums, and the tree operations).
 
 Attention masks are built from per-token `positions` and `segment_ids` (0 = padding), so the same
-code serves packed training rows (segments never see each other) and the KV-cached sampler.
+code serves packed training rows (segments never see each other) and the KV-cached sampler
+(attention.py: rotary embeddings, the mask, scores and weighted values).
 The KV cache is an explicit pytree passed in and returned: {'layer_i': {'k', 'v', 'pos', 'seg'}};
 a token goes to slot `position % slots`, so sliding-window layers may keep a ring of window size
 (kv_cache.py).
@@ -43,15 +44,13 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import attention
 from gemma_sft_jax.model import kv_cache
 from gemma_sft_jax.model import lora
 from gemma_sft_jax.model.lora import LoraSpec
 
 Array = jax.Array
 Cache = kv_cache.Cache
-
-_NEG_INF = -2.3819763e38  # Finite, so fully masked rows (padding) give a uniform softmax, not NaN.
-
 
 def rms_norm(x: Array, scale: Array, eps: float) -> Array:
   """Gemma's RMSNorm, x·rsqrt(mean x² + eps)·(1 + w), computed in fp32 and cast back."""
@@ -105,27 +104,6 @@ class Projection(nn.Module):
     return checkpoint_name(y + (self.lora_alpha / self.lora_rank) * delta, self.name)
 
 
-def rope(x: Array, positions: Array, base: float, scale: float) -> Array:
-  """Rotary embedding on the last axis of x [B, T, N, H], halves-rotation as in Gemma/transformers."""
-  h = x.shape[-1]
-  inv_freq = 1.0 / (base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)) / scale
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
-
-
-def attention_mask(q_pos: Array, q_seg: Array, k_pos: Array, k_seg: Array,
-                   window: int | None) -> Array:
-  """[B, T, S] True where query t may attend key s: same segment, causal, inside the window."""
-  q_pos, k_pos = q_pos[:, :, None], k_pos[:, None, :]
-  mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_pos <= q_pos)
-  if window is not None:
-    mask &= q_pos - k_pos < window
-  return mask
-
-
 def _projection(module: nn.Module, name: str, equation: str, shape: tuple[int, ...],
                 in_dims: int = 1) -> Projection:
   """Projection `name` of an Attention or MLP `module`, with the LoRA rank its `lora` gives."""
@@ -163,11 +141,13 @@ class Attention(nn.Module):
         lambda a, b: jnp.where(local, jnp.float32(a), jnp.float32(b)))
     base = select(c.rope_base_local, c.rope_base_global)
     scale = select(c.rope_scale_local, c.rope_scale_global)
-    q = rope(q, positions, base, scale)
-    key = rope(key, positions, base, scale)
+    q = attention.rope(q, positions, base, scale)
+    key = attention.rope(key, positions, base, scale)
 
-    k_pos, k_seg = positions, segment_ids
-    new_cache = None
+    # This call's keys and values in the cache's layout, [B, K, S, H].
+    own = {'k': jnp.swapaxes(key, 1, 2), 'v': jnp.swapaxes(val, 1, 2), 'pos': positions,
+           'seg': segment_ids}
+    new_cache, parts = None, (own,)
     if cache is not None:
       # Scanned layers pass the whole stacked cache and this layer's index, and the write goes
       # into that layer in place (a per-layer cache passed in and out of the scan would be
@@ -176,56 +156,19 @@ class Attention(nn.Module):
       new_cache = kv_cache.write_cache(stacked, key, val, positions, segment_ids, layer=layer)
       view = (lambda t: t) if layer is None else (
           lambda t: jax.tree.map(lambda a: a[layer], t))
-      if x.shape[1] == 1:
-        # One new token: the written cache holds every key it may see (the ring slot it took
-        # held a position a whole window back, which the mask would drop anyway).
-        parts = (view(new_cache),)
-      else:
-        # Several tokens (a prefill): what the cache held before them, then their own keys, so
-        # that writing into a ring does not drop keys the earlier of them still need.
-        parts = (view(stacked), {'k': jnp.swapaxes(key, 1, 2), 'v': jnp.swapaxes(val, 1, 2),
-                                 'pos': positions, 'seg': segment_ids})
-      # Keys and values [B, K, S, H] (the cache's layout) join along S, positions along theirs.
-      cat = lambda name, dtype, axis: jnp.concatenate([p[name].astype(dtype) for p in parts],
-                                                      axis=axis)
-      key, val = cat('k', self.dtype, 2), cat('v', self.dtype, 2)
-      k_pos, k_seg = cat('pos', jnp.int32, 1), cat('seg', jnp.int32, 1)
-    else:
-      key, val = jnp.swapaxes(key, 1, 2), jnp.swapaxes(val, 1, 2)  # [B, K, S, H]
+      # One new token: the written cache holds every key it may see (the ring slot it took held
+      # a position a whole window back, which the mask would drop anyway). Several tokens (a
+      # prefill): what the cache held before them, then their own keys, so that writing into a
+      # ring does not drop keys the earlier of them still need.
+      parts = (view(new_cache),) if x.shape[1] == 1 else (view(stacked), own)
+    # Keys and values join along S (axis 2), positions and segment ids along theirs (axis 1).
+    cat = lambda name, dtype, axis: jnp.concatenate([p[name].astype(dtype) for p in parts],
+                                                    axis=axis)
+    key, val = cat('k', self.dtype, 2), cat('v', self.dtype, 2)
+    k_pos, k_seg = cat('pos', jnp.int32, 1), cat('seg', jnp.int32, 1)
 
-    q = q * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q.dtype)
-    q = q.reshape(*q.shape[:2], k, n // k, h)  # [B, T, K, G, H]
-    # Scores as [B, K, T, G, S]: the order a batched matmul over (B, K) yields (the query's free
-    # axes, then the key's), so the softmax runs over the minor axis and nothing is transposed.
-    logits = jnp.einsum('BTKGH,BKSH->BKTGS', q, key, preferred_element_type=jnp.float32)
-    if shared is not None:
-      # A prefix every row shares (one copy, [1, K, P, H]): its scores come first, from one
-      # matmul over all rows, and its keys are read once per step instead of once per row.
-      shared_k, shared_v = shared['k'][0].astype(self.dtype), shared['v'][0].astype(self.dtype)
-      logits = jnp.concatenate([jnp.einsum('BTKGH,KSH->BKTGS', q, shared_k,
-                                           preferred_element_type=jnp.float32), logits], axis=-1)
-      rows = lambda a: jnp.broadcast_to(a, (x.shape[0], a.shape[1])).astype(jnp.int32)
-      k_pos = jnp.concatenate([rows(shared['pos']), k_pos], axis=1)
-      k_seg = jnp.concatenate([rows(shared['seg']), k_seg], axis=1)
-    if c.attn_logit_softcap is not None:
-      logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-    if isinstance(local, bool) or c.sliding_window is None:
-      window = c.sliding_window if local is True else None
-      mask = attention_mask(positions, segment_ids, k_pos, k_seg, window)
-    else:
-      full = attention_mask(positions, segment_ids, k_pos, k_seg, None)
-      mask = full & (~local | (positions[:, :, None] - k_pos[:, None, :] < c.sliding_window))
-    logits = jnp.where(mask[:, None, :, None], logits, _NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    if shared is not None:  # The two parts of the weighted sum, added in fp32.
-      split = shared_k.shape[1]
-      out = (jnp.einsum('BKTGS,KSH->BTKGH', probs[..., :split], shared_v,
-                        preferred_element_type=jnp.float32) +
-             jnp.einsum('BKTGS,BKSH->BTKGH', probs[..., split:], val,
-                        preferred_element_type=jnp.float32)).astype(self.dtype)
-    else:
-      out = jnp.einsum('BKTGS,BKSH->BTKGH', probs, val)
-    out = out.reshape(*x.shape[:2], n, h)
+    out = attention.attend(c, q, key, val, positions, segment_ids, k_pos, k_seg, local,
+                           shared, dtype=self.dtype)
     out = proj('o_proj', 'BTNH,NHD->BTD', (n, h, d), in_dims=2)(out, deterministic)
     return out, new_cache
 
@@ -251,8 +194,8 @@ class Block(nn.Module):
   """One decoder layer: pre/post-normed attention and MLP, each with a residual.
 
   The call signature is the body of `nn.scan`: (carry, per-layer (local flag, cache, shared
-  prefix cache), broadcast arguments...) -> (carry, new cache). Unrolled layers pass local=None, know their `layer_type`
-  and carry x with their own cache. Scanned layers with a KV cache carry (x, the stacked cache),
+  prefix cache), broadcast arguments...) -> (carry, new cache). Unrolled layers pass
+  local=None, know their `layer_type` and carry x with their own cache. Scanned layers with a KV cache carry (x, the stacked cache),
   get their layer index in place of a cache and write into the stacked cache in place.
   """
 
