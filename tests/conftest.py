@@ -113,3 +113,19 @@ def assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]):
   for k in a:
     assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
     np.testing.assert_array_equal(_bits(a[k]), _bits(b[k]), err_msg=k)
+
+
+@pytest.fixture
+def recorded_logits(monkeypatch):
+  """Every [B, V] logits array `sampler._choose` sees, in decode order (prefill first)."""
+  seen = []
+  from gemma_sft_jax.evaluation import sampler  # pylint: disable=g-import-not-at-top
+  choose = sampler._choose  # pylint: disable=protected-access
+
+  def recording(logits, rng, p):
+    jax.debug.callback(lambda x: seen.append(np.asarray(x)), logits, ordered=True)
+    return choose(logits, rng, p)
+
+  monkeypatch.setattr(sampler, '_choose', recording)
+  yield seen
+  monkeypatch.undo()
