@@ -1,12 +1,14 @@
 r"""The fused AdamW update alone (update.make_update), on one large leaf, in variants.
 
   python benchmarks/update_speed.py [--shape 26,2304,9216] [--output OUT.jsonl] [--profile DIR]
+      [--root DIR --tag NAME]
 
 A bf16 leaf (default: Gemma 2 2B's stacked MLP kernels, 552M elements), random bf16 gradients,
 blocks from `update.chunk_plan`. Variants: 8-bit moments in one pass or two, without stochastic
 rounding, and bf16 / fp32 moments (no quantisation) for reference. For each prints (and appends)
 one JSON line: median seconds per update and the bytes that variant must move at least (params,
 gradients, moments in and out) per second, against which the GPU's ~4.8 TB/s is the ceiling.
+--root times the package found in DIR instead (e.g. an older revision exported with `git archive`).
 """
 
 import argparse
@@ -15,13 +17,11 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
-
-from gemma_sft_jax.training import optimizer
-from gemma_sft_jax.training import update as update_lib
 
 
 def main() -> None:
@@ -31,7 +31,13 @@ def main() -> None:
   parser.add_argument('--output')
   parser.add_argument('--chunks', type=int, help='blocks per leaf (default: update.chunk_plan)')
   parser.add_argument('--profile', help='trace each variant into DIR/<variant> (jax.profiler)')
+  parser.add_argument('--root', default='.', help='directory holding the gemma_sft_jax/ to time')
+  parser.add_argument('--tag', default='', help='free-form label stored in each JSON line')
+  parser.add_argument('--variants', help='comma-separated subset of the variants')
   args = parser.parse_args()
+  sys.path.insert(0, os.path.abspath(args.root))
+  from gemma_sft_jax.training import optimizer  # pylint: disable=g-import-not-at-top
+  from gemma_sft_jax.training import update as update_lib  # pylint: disable=g-import-not-at-top
   shape = tuple(int(s) for s in args.shape.split(','))
   grads = {'w': (jax.random.normal(jax.random.key(0), shape, jnp.float32) * 1e-3
                  ).astype(jnp.bfloat16)}
@@ -43,6 +49,8 @@ def main() -> None:
       'bfloat16': ('bfloat16', True, True, 4),
       'float32': ('float32', True, True, 8),
   }
+  if args.variants:
+    variants = {k: variants[k] for k in args.variants.split(',')}
   for name, (state_dtype, two_pass, sr, moment_bytes) in variants.items():
     params = {'w': jnp.zeros(shape, jnp.bfloat16)}
     chunks = {'w': args.chunks} if args.chunks else update_lib.chunk_plan(params)
@@ -74,7 +82,8 @@ def main() -> None:
           step()
     sec = statistics.median(times)
     moved = n * (2 + 2 + 2 + 2 * moment_bytes)  # p in/out, g in, moments in/out
-    line = json.dumps({'bench': 'update_speed', 'variant': name, 'shape': list(shape),
+    line = json.dumps({'bench': 'update_speed', 'tag': args.tag, 'variant': name,
+                       'shape': list(shape),
                        'chunks': chunks['w'], 'update_s': sec,
                        'min_bytes_per_s': moved / sec, 'device': jax.devices()[0].device_kind,
                        'date': datetime.date.today().isoformat(), 'jax': jax.__version__})

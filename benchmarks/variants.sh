@@ -1,21 +1,57 @@
 #!/usr/bin/env bash
-# Variants of the JAX train step on one GPU (batch 8 x 512, random init), one JSON line each:
+# Variants of the JAX train step (random init, 512 tokens per row), one JSON line each:
 #   benchmarks/variants.sh OUT.jsonl NAME...     NAME in the table below
-# Each line carries the variant's name in "tag"; --breakdown adds forward+backward and update times.
+# Each line carries the variant's name in "tag"; --breakdown adds forward+backward and update
+# times. Variants ending in _fsdp2 use two GPUs (8 rows per GPU); the others one (8 rows).
+# XLA_FLAGS of a variant (FLAGS below) are added to the environment's.
 set -uo pipefail
 OUT=$1; shift
-COMMON="--config.model.checkpoint= --config.train.batch_size=8 --config.train.seq_len=512 --output=$OUT"
+export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off.
+COMMON="--config.model.checkpoint= --config.train.seq_len=512 --output=$OUT --steps=6"
+B8="--config.train.batch_size=8"
+B16="--config.train.batch_size=16 --config.mesh.fsdp=2"
+G2B="--config=configs/gemma2.py:size=2b,method=full"
+L9B="--config=configs/gemma2.py:size=9b,method=lora"
+F9B="--config=configs/gemma2.py:size=9b,method=full"
+UNROLLED="--config.model.scan_layers=false"
+# Collective overlap for FSDP: the latency-hiding scheduler, collectives of the next scanned layer
+# started inside the previous iteration, and larger combined collectives.
+OVERLAP="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_highest_priority_async_stream=true \
+ --xla_gpu_enable_pipelined_all_gather=true --xla_gpu_enable_pipelined_reduce_scatter=true \
+ --xla_gpu_enable_pipelined_all_reduce=true --xla_gpu_enable_while_loop_double_buffering=true \
+ --xla_gpu_all_gather_combine_threshold_bytes=536870912 \
+ --xla_gpu_reduce_scatter_combine_threshold_bytes=536870912"
 declare -A V=(
-  [2b_full_none_f32]="--config=configs/gemma2.py:size=2b,method=full --config.model.remat=none --config.model.logits_dtype=float32 --breakdown"
-  [2b_full_none_bf16]="--config=configs/gemma2.py:size=2b,method=full --config.model.remat=none --config.model.logits_dtype=bfloat16 --breakdown"
-  [2b_full_dots_bf16]="--config=configs/gemma2.py:size=2b,method=full --config.model.remat=dots --config.model.logits_dtype=bfloat16"
-  [9b_full_full_bf16]="--config=configs/gemma2.py:size=9b,method=full --config.model.remat=full --config.model.logits_dtype=bfloat16 --breakdown --steps=6"
-  [9b_full_dots_bf16]="--config=configs/gemma2.py:size=9b,method=full --config.model.remat=dots --config.model.logits_dtype=bfloat16 --steps=6"
-  [9b_lora_dots_bf16]="--config=configs/gemma2.py:size=9b,method=lora --config.model.remat=dots --config.model.logits_dtype=bfloat16 --breakdown --steps=6"
-  [9b_lora_none_bf16]="--config=configs/gemma2.py:size=9b,method=lora --config.model.remat=none --config.model.logits_dtype=bfloat16 --steps=6"
+  # 2026-11-29 levers (results/bench/2026-11-29-h200-variants.jsonl).
+  [2b_full_none_f32]="$G2B $B8 --config.model.remat=none --config.model.logits_dtype=float32 --breakdown"
+  [2b_full_none_bf16]="$G2B $B8 --config.model.remat=none --config.model.logits_dtype=bfloat16 --breakdown"
+  [2b_full_dots_bf16]="$G2B $B8 --config.model.remat=dots --config.model.logits_dtype=bfloat16"
+  [9b_full_full_bf16]="$F9B $B8 --config.model.remat=full --config.model.logits_dtype=bfloat16 --breakdown"
+  [9b_full_dots_bf16]="$F9B $B8 --config.model.remat=dots --config.model.logits_dtype=bfloat16"
+  [9b_lora_dots_bf16]="$L9B $B8 --config.model.remat=dots --config.model.logits_dtype=bfloat16 --breakdown"
+  [9b_lora_none_bf16]="$L9B $B8 --config.model.remat=none --config.model.logits_dtype=bfloat16"
+  # The configs' defaults, and single levers on them.
+  [2b_full]="$G2B $B8 --breakdown"
+  [2b_full_unrolled]="$G2B $B8 $UNROLLED"
+  [2b_full_no_triton_gemm]="$G2B $B8"
+  [9b_lora]="$L9B $B8"
+  [9b_lora_unrolled]="$L9B $B8 $UNROLLED"
+  [9b_full]="$F9B $B8 --breakdown"
+  [2b_full_fsdp2]="$G2B $B16"
+  [2b_full_fsdp2_overlap]="$G2B $B16"
+  [9b_lora_fsdp2]="$L9B $B16"
+  [9b_lora_fsdp2_overlap]="$L9B $B16"
+  [9b_full_fsdp2_overlap]="$F9B $B16"
+)
+declare -A FLAGS=(
+  [2b_full_no_triton_gemm]="--xla_gpu_enable_triton_gemm=false"
+  [2b_full_fsdp2_overlap]="$OVERLAP"
+  [9b_lora_fsdp2_overlap]="$OVERLAP"
+  [9b_full_fsdp2_overlap]="$OVERLAP"
 )
 for name in "$@"; do
   echo "== $name" >&2
-  timeout 240 python -m gemma_sft_jax.benchmark ${V[$name]} $COMMON --tag=$name 2>&1 | grep -E '^\{|compiled step|Error|error|RESOURCE' | cut -c1-600
+  XLA_FLAGS="${XLA_FLAGS:-} ${FLAGS[$name]:-}" timeout 300 python -m gemma_sft_jax.benchmark \
+    ${V[$name]} $COMMON --tag=$name 2>&1 | grep -E '^\{|compiled step|Error|error|RESOURCE' \
+    | cut -c1-600
 done
-

@@ -82,7 +82,8 @@ def adam_leaf(g: jax.Array, mu: Any, nu: Any, *, b1: float, b2: float, eps: floa
   moment that is not 8-bit), so that storing them is elementwise.
   """
   m, v = _new_moments(g, mu, nu, b1=b1, b2=b2, block_size=block_size)
-  u = (m / bc[0]) / (jnp.sqrt(v / bc[1]) + eps)
+  # Scalar reciprocals: one multiplication per element instead of a division.
+  u = (m * (1.0 / bc[0])) / (jnp.sqrt(v * (1.0 / bc[1])) + eps)
   am, av = absmax if absmax is not None else (None, None)
   return u, store_moment(m, mu, block_size=block_size, absmax=am), store_moment(
       v, nu, block_size=block_size, absmax=av)
