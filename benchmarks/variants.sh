@@ -51,7 +51,11 @@ declare -A FLAGS=(
 )
 for name in "$@"; do
   echo "== $name" >&2
-  XLA_FLAGS="${XLA_FLAGS:-} ${FLAGS[$name]:-}" timeout 300 python -m gemma_sft_jax.benchmark \
-    ${V[$name]} $COMMON --tag=$name 2>&1 | grep -E '^\{|compiled step|Error|error|RESOURCE' \
-    | cut -c1-600
+  (  # XLA_FLAGS must be unset rather than blank: XLA reads a blank value as a file name.
+    xla_flags=$(echo ${XLA_FLAGS:-} ${FLAGS[$name]:-})
+    unset XLA_FLAGS
+    if [ -n "$xla_flags" ]; then export XLA_FLAGS="$xla_flags"; fi
+    timeout 300 python -m gemma_sft_jax.benchmark ${V[$name]} $COMMON --tag=$name 2>&1 \
+      | grep -E '^\{|^F[0-9]{4}|compiled step|Error|error|RESOURCE' | cut -c1-600
+  )
 done

@@ -70,13 +70,11 @@ def nearest_code_index(normed: jax.Array, *, signed: bool) -> jax.Array:
   """Index (into `dynamic_map(signed)`) of the code nearest to each value in [-1, 1] / [0, 1].
 
   `searchsorted(midpoints, normed, side='left')` (the tested reference) computed arithmetically,
-  so that XLA keeps it inside the update's elementwise fusion: six comparisons with the decade
-  edges count the value's decade, the code's linear position in its decade gives the candidate,
-  and two comparisons with exact midpoints settle the decade's lower boundary and the top code
-  (1.0). The decade's constants are read from three 7-entry tables (the only lookups), its code
-  count and first index are powers of two. Inside a decade the candidate is the nearest code
-  except where a value lies within float rounding of a midpoint, where either neighbour may be
-  chosen.
+  with no table lookups, so that XLA keeps it inside the update's elementwise fusion: six
+  comparisons with the decade edges select the decade's constants, the code's linear position
+  in its decade gives the candidate, and two comparisons with exact midpoints settle the decade's
+  lower boundary and the top code (1.0). Inside a decade the candidate is the nearest code except
+  where a value lies within float rounding of a midpoint, where either neighbour may be chosen.
 
   Args:
     normed: values divided by their block absmax.
@@ -90,15 +88,19 @@ def nearest_code_index(normed: jax.Array, *, signed: bool) -> jax.Array:
   a = jnp.abs(normed) if signed else normed
   first_positive = 128 if signed else 1
   lead = 0 if signed else 1  # the unsigned map has twice the codes per decade
-  # Decade i holds the codes 10^(i-6) · [0.1, 1): 2^(i + lead) of them, the first at index
-  # first_positive + 2^(i + lead) - (1 + lead).
-  decade = sum((a >= np.float32(10.0 ** (i - 7))).astype(jnp.int32) for i in range(1, 7))
-  parts = jnp.left_shift(jnp.int32(1), decade + lead)
-  first = parts + (first_positive - 1 - lead)
-  firsts = [first_positive + 2 ** (i + lead) - 1 - lead for i in range(7)]
-  inv_scale, per_unit, low_mid = (jnp.asarray(np.asarray(c, np.float32))[decade] for c in (
-      [10.0 ** (6 - i) for i in range(7)], [2 ** (i + lead) / 0.9 for i in range(7)],
-      [midpoints[f - 1] for f in firsts]))
+
+  def decade_constants(i):  # decade i holds codes 10^(i-6) · [0.1, 1)
+    parts = 2 ** (i + lead)
+    first = first_positive + parts - (1 if signed else 2)  # index of its smallest code
+    return (np.float32(10.0 ** (6 - i)), np.float32(parts / 0.9), parts, first,
+            np.float32(midpoints[first - 1]))
+
+  inv_scale, per_unit, parts, first, low_mid = (jnp.asarray(c) for c in decade_constants(0))
+  for i in range(1, 7):
+    up = a >= np.float32(10.0 ** (i - 7))
+    inv_scale, per_unit, parts, first, low_mid = (
+        jnp.where(up, c, x) for c, x in zip(decade_constants(i),
+                                             (inv_scale, per_unit, parts, first, low_mid)))
   frac = jnp.floor((a * inv_scale - np.float32(0.1)) * per_unit).astype(jnp.int32)
   top = np.float32(midpoints[254])
   # An exact tie goes to the lower index, as searchsorted(side='left') does: for negatives,
@@ -145,9 +147,7 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SI
   xb = _blocks(x.astype(jnp.float32), block_size)
   if absmax is None:
     absmax = block_absmax(x, block_size=block_size)
-  # One reciprocal per block, not a division per element (a value may move by an ulp, which only
-  # matters at a midpoint between two codes).
-  normed = xb * (1.0 / jnp.where(absmax > 0, absmax, 1.0))[..., None]
+  normed = xb / jnp.where(absmax > 0, absmax, 1.0)[..., None]
   index = nearest_code_index(normed, signed=signed)
   index = index.reshape(*lead, nb * block_size)[..., :n]
   codes = (index - _code_offset(signed)).astype(jnp.int8 if signed else jnp.uint8)
