@@ -3,7 +3,7 @@
 #   benchmarks/variants.sh OUT.jsonl NAME...     NAME in the table below
 # Each line carries the variant's name in "tag"; --breakdown adds forward+backward and update
 # times. Variants ending in _fsdp2 use two GPUs (8 rows per GPU); the others one (8 rows).
-# XLA_FLAGS of a variant (FLAGS below) are added to the environment's.
+# XLA_FLAGS of a variant (FLAGS below) are added to the environment's; ENVS sets other variables.
 set -uo pipefail
 OUT=$1; shift
 export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off.
@@ -42,6 +42,13 @@ declare -A V=(
   [9b_lora_fsdp2]="$L9B $B16"
   [9b_lora_fsdp2_overlap]="$L9B $B16"
   [9b_full_fsdp2_overlap]="$F9B $B16"
+  [2b_full_fsdp2_nccl_simple]="$G2B $B16"
+  [2b_full_data2]="$G2B --config.train.batch_size=16 --config.mesh.data=2 --config.mesh.fsdp=1"
+  [9b_lora_fsdp2_base_fsdp]="$L9B $B16 --config.lora.base_sharding=fsdp"
+)
+# Environment of a variant.
+declare -A ENVS=(
+  [2b_full_fsdp2_nccl_simple]="NCCL_PROTO=Simple"
 )
 declare -A FLAGS=(
   [2b_full_no_triton_gemm]="--xla_gpu_enable_triton_gemm=false"
@@ -55,7 +62,7 @@ for name in "$@"; do
     xla_flags=$(echo ${XLA_FLAGS:-} ${FLAGS[$name]:-})
     unset XLA_FLAGS
     if [ -n "$xla_flags" ]; then export XLA_FLAGS="$xla_flags"; fi
-    timeout 300 python -m gemma_sft_jax.benchmark ${V[$name]} $COMMON --tag=$name 2>&1 \
+    env ${ENVS[$name]:-} timeout 300 python -m gemma_sft_jax.benchmark ${V[$name]} $COMMON --tag=$name 2>&1 \
       | grep -E '^\{|^F[0-9]{4}|compiled step|Error|error|RESOURCE' | cut -c1-600
   )
 done

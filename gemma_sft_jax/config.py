@@ -15,7 +15,7 @@ Fields (the contract the README documents):
   model.remat         activation rematerialisation, 'none' | 'full' | 'dots' | 'save:PROJ,...'
   model.scan_layers   one nn.scan over the layers (stacked params; compile time independent of depth)
   tuning_method       'full' | 'lora'
-  lora.*              rank, alpha, dropout, targets (regex over parameter paths)
+  lora.*              rank, alpha, dropout, targets (regex over parameter paths), base_sharding
   data.*              source (local dir, default the bundled GSM8K; or a hub id), subset, ...
   optim.*             lr, min_lr (absolute), warmup_steps, weight_decay, state_dtype, ...
   train.*             steps, batch_size (global), seq_len, seed, log_every, ...
@@ -57,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora.alpha = 16.0
   c.lora.dropout = 0.0
   c.lora.targets = r'.*/(q|k|v|o|gate|up|down)_proj/kernel'
+  # The frozen base along the mesh's fsdp axis: 'fsdp' (split like trainable weights: least
+  # memory, gathered layer by layer in every step), 'replicated' (a whole copy per fsdp shard:
+  # no gathers), or 'auto' (replicated where it takes at most a quarter of a device's memory).
+  c.lora.base_sharding = 'auto'
 
   c.data = ml_collections.ConfigDict()
   # GSM8K as shipped with the package (offline); 'openai/gsm8k' reads the hub through `datasets`.

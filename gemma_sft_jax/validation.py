@@ -59,6 +59,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'model.logits_dtype': _one_of(*_DTYPES),
     'lora.alpha': _above(0),
     'lora.dropout': _between(0, 1, high_open=True),
+    'lora.base_sharding': _one_of(*sharding.BASE_SHARDINGS),
     'data.subset': _one_of(*gsm8k.SUBSETS),
     'data.limit': _at_least(0),
     'optim.lr': _above(0),

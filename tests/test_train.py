@@ -53,8 +53,8 @@ def _setup(config, *, with_lora: bool, mesh) -> models.Setup:
 
 
 def _train_steps(*, method: str, mesh: dict[str, int], state_dtype: str = 'float32',
-                 grad_accum: int = 1, steps: int = STEPS, scan: bool = False
-                 ) -> dict[str, np.ndarray]:
+                 grad_accum: int = 1, steps: int = STEPS, scan: bool = False,
+                 base_sharding: str = 'fsdp') -> dict[str, np.ndarray]:
   """`steps` updates of train.build's jitted step on the tiny config's first real batches.
 
   Returns flat arrays: 'loss' per step, and 'init/', 'params/' (trainable before / after),
@@ -64,7 +64,8 @@ def _train_steps(*, method: str, mesh: dict[str, int], state_dtype: str = 'float
   config = tiny_config(f'method={method}', **{
       'train.batch_size': BATCH, 'optim.state_dtype': state_dtype, 'optim.grad_accum': grad_accum,
       'mesh.data': mesh.get('data', 1), 'mesh.fsdp': mesh.get('fsdp', 1),
-      'mesh.tensor': mesh.get('tensor', 1), 'model.scan_layers': scan})
+      'mesh.tensor': mesh.get('tensor', 1), 'model.scan_layers': scan,
+      'lora.base_sharding': base_sharding})
   n = config.mesh.data * config.mesh.fsdp * config.mesh.tensor
   device_mesh = sharding.make_mesh(**config.mesh, devices=jax.devices()[:n])
   setup = _setup(config, with_lora=method == 'lora', mesh=device_mesh)
@@ -98,6 +99,8 @@ _MESH_RUNS = {
     'full_f8': dict(method='full', mesh=dict(fsdp=8)),
     'lora_d2f2t2': dict(method='lora', mesh=dict(data=2, fsdp=2, tensor=2)),
     'lora_f8': dict(method='lora', mesh=dict(fsdp=8)),
+    # The frozen base replicated along fsdp (lora.base_sharding), the adapters still split.
+    'lora_f8_replicated': dict(method='lora', mesh=dict(fsdp=8), base_sharding='replicated'),
     'int8_d2f2t2': dict(method='full', mesh=dict(data=2, fsdp=2, tensor=2), state_dtype='int8'),
     # Scanned layers: stacked [L, ...] params, the leading axis unsharded, the rest by the rules.
     'scanfull_d2f2t2': dict(method='full', mesh=dict(data=2, fsdp=2, tensor=2), scan=True),
@@ -154,7 +157,10 @@ def test_meshes_match_one_device(tmp_path, env, one_device_runs):
     shards, opt_shards = _part(run, 'shards'), _part(run, 'opt_shards')
     base_2d = [k for k, v in _part(ref, 'frozen' if 'lora' in name else 'init').items()
                if v.ndim >= 2 and 'norm' not in k]  # Stacked norm scales are [L, D], replicated.
-    assert base_2d and all(shards[k] > 1 for k in base_2d), (name, shards)
+    if name.endswith('_replicated'):  # fsdp is the only mesh axis here
+      assert base_2d and all(shards[k] == 1 for k in base_2d), (name, shards)
+    else:
+      assert base_2d and all(shards[k] > 1 for k in base_2d), (name, shards)
     split_trainable = [k for k in _part(run, 'params') if shards[k] > 1]
     assert split_trainable, (name, shards)
     assert sum(v > 1 for v in opt_shards.values()) >= 2 * len(split_trainable), (name, opt_shards)
@@ -245,3 +251,32 @@ def test_grad_accum_matches_one_big_batch(one_device_runs):
   assert params.keys() == ref_params.keys()
   for k in params:
     np.testing.assert_allclose(params[k], ref_params[k], rtol=0, atol=5e-6, err_msg=k)
+
+
+def test_base_sharding_modes(monkeypatch):
+  """lora.base_sharding: 'fsdp' / 'replicated' as asked; 'auto' replicates a base of at most a
+  quarter of the device's memory, and shards where the device reports none (as CPUs)."""
+  base = {'w': jax.ShapeDtypeStruct((1024, 1024), jax.numpy.bfloat16)}  # 2 MiB
+  mesh = jax.sharding.AbstractMesh((1, 2, 1), sharding.AXES)
+  assert not sharding.base_replicated('fsdp', base, mesh)
+  assert sharding.base_replicated('replicated', base, mesh)
+  assert not sharding.base_replicated('auto', base, mesh)  # this CPU reports no memory
+
+  class Device:
+    def __init__(self, limit):
+      self.limit = limit
+
+    def memory_stats(self):
+      return {'bytes_limit': self.limit}
+  for limit, replicated in ((8 << 20, True), ((8 << 20) - 1, False)):
+    monkeypatch.setattr(sharding.jax, 'local_devices', lambda limit=limit: [Device(limit)])
+    assert sharding.base_replicated('auto', base, mesh) is replicated, limit
+  with pytest.raises(ValueError, match='lora.base_sharding'):
+    sharding.base_replicated('everywhere', base, mesh)
+  # Replicated along fsdp only: a tensor split stays.
+  device_mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  spec = jax.sharding.PartitionSpec
+  for before, after in ((spec(('fsdp', 'tensor'), None), spec('tensor', None)),
+                        (spec('tensor', 'fsdp'), spec('tensor', None))):
+    s = jax.sharding.NamedSharding(device_mesh, before)
+    assert sharding.without_axis(s, 'fsdp').spec == after, before

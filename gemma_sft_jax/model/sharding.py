@@ -25,6 +25,10 @@ from gemma_sft_jax import pytree
 
 AXES = ('data', 'fsdp', 'tensor')
 BATCH = ('data', 'fsdp')
+# How a LoRA run's frozen base lies along 'fsdp' (config lora.base_sharding; `base_replicated`).
+BASE_SHARDINGS = ('auto', 'fsdp', 'replicated')
+# 'auto' replicates a base that takes at most this fraction of a device's memory.
+REPLICATED_BASE_MEMORY_FRACTION = 0.25
 
 # (regex over 'a/b/c' parameter paths, spec per array axis). First match wins.
 RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
@@ -93,6 +97,35 @@ def param_shardings(shapes: Any, mesh: Mesh,
   paths = pytree.paths(shapes)
   return jax.tree.map(lambda p, s: NamedSharding(mesh, spec_for(p, s.shape, mesh, rules)),
                       paths, shapes)
+
+
+def without_axis(s: NamedSharding, axis: str) -> NamedSharding:
+  """s with mesh axis `axis` removed from its spec: the array is replicated along that axis."""
+  def keep(entry):
+    names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,)) if n and n != axis)
+    return (names if len(names) > 1 else names[0]) if names else None
+  return NamedSharding(s.mesh, P(*(keep(e) for e in s.spec)))
+
+
+def base_replicated(mode: str, base_shapes: Any, mesh: Mesh) -> bool:
+  """Whether a frozen base (a tree of arrays / ShapeDtypeStructs) is replicated along 'fsdp'.
+
+  Sharded, every step gathers each frozen weight (forward, and again for the backward pass);
+  replicated, it costs the base's memory once more per fsdp shard and needs no communication.
+  'auto' replicates where the base (split over 'tensor' only) takes at most
+  REPLICATED_BASE_MEMORY_FRACTION of the first local device's memory, and shards where the device
+  does not report its memory (CPUs).
+  """
+  if mode not in BASE_SHARDINGS:
+    raise ValueError(f'lora.base_sharding: {mode!r} is not one of {", ".join(BASE_SHARDINGS)}')
+  if mode != 'auto':
+    return mode == 'replicated'
+  limit = (jax.local_devices()[0].memory_stats() or {}).get('bytes_limit')
+  if not limit or mesh.shape['fsdp'] == 1:
+    return False
+  nbytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(base_shapes)) / mesh.shape['tensor']
+  return nbytes <= REPLICATED_BASE_MEMORY_FRACTION * limit
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -125,7 +125,8 @@ class Parts:
 def build(config: ml_collections.ConfigDict, setup: models.Setup, mesh: jax.sharding.Mesh) -> Parts:
   """Parameters (shapes -> shardings -> init/load), optimizer state, and the jitted train step."""
   method = config.tuning_method
-  params = models.init_params(setup, mesh=mesh, seed=config.train.seed)
+  params = models.init_params(setup, mesh=mesh, seed=config.train.seed,
+                              base_sharding=config.lora.base_sharding)
   trainable, frozen = lora.split(params, method)
   del params
   n_trainable = model_lib.count_params(trainable)

@@ -88,14 +88,25 @@ def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
   return Setup(model, model_config, tokenizer, checkpoint)
 
 
-def init_params(setup: Setup, *, mesh: jax.sharding.Mesh, seed: int) -> Any:
+def init_params(setup: Setup, *, mesh: jax.sharding.Mesh, seed: int,
+                base_sharding: str = 'fsdp') -> Any:
   """The model's parameters, sharded: checkpoint weights (or random init) plus fresh adapters.
 
   Shapes come from `jax.eval_shape`; random leaves are made by a jitted init whose out_shardings
-  put each leaf straight onto its devices; checkpoint leaves are streamed onto theirs.
+  put each leaf straight onto its devices; checkpoint leaves are streamed onto theirs. With LoRA
+  adapters, `base_sharding` (config lora.base_sharding, `sharding.base_replicated`) says whether
+  the frozen base is split over 'fsdp' like the adapters or replicated along it.
   """
   shapes = model_lib.param_shapes(setup.model)
   shardings = sharding.param_shardings(shapes, mesh)
+  if setup.model.lora.rank:
+    adapter_shapes, base_shapes = lora.split(shapes, 'lora')
+    if sharding.base_replicated(base_sharding, base_shapes, mesh):
+      logging.info('LoRA base replicated along fsdp (lora.base_sharding=%s)', base_sharding)
+      adapter_shardings, base_shardings = lora.split(shardings, 'lora')
+      shardings = lora.join(
+          jax.tree.map(lambda s: sharding.without_axis(s, 'fsdp'), base_shardings),
+          adapter_shardings)
   dummy = jnp.zeros((1, 1), jnp.int32)
 
   if not setup.checkpoint:
