@@ -44,6 +44,7 @@ declare -A V=(
   [9b_full_fsdp2_overlap]="$F9B $B16"
   [2b_full_fsdp2_nccl_simple]="$G2B $B16"
   [2b_full_data2]="$G2B --config.train.batch_size=16 --config.mesh.data=2 --config.mesh.fsdp=1"
+  [2b_full_data2_overlap]="$G2B --config.train.batch_size=16 --config.mesh.data=2 --config.mesh.fsdp=1"
   [9b_lora_fsdp2_base_fsdp]="$L9B $B16 --config.lora.base_sharding=fsdp"
 )
 # Environment of a variant.
@@ -55,6 +56,7 @@ declare -A FLAGS=(
   [2b_full_fsdp2_overlap]="$OVERLAP"
   [9b_lora_fsdp2_overlap]="$OVERLAP"
   [9b_full_fsdp2_overlap]="$OVERLAP"
+  [2b_full_data2_overlap]="$OVERLAP"
 )
 for name in "$@"; do
   echo "== $name" >&2
