@@ -8,7 +8,10 @@ cache), with the next token chosen three ways: `embedding` (the tied head as the
 computes it), `head_f32_dv` (the head as a [D, V] fp32 copy), `no_head` (argmax over 8 hidden
 units: the layers alone). Also times the head's one-row matrix-vector product alone, fp32
 [V, D] and [D, V], and reports the bytes per second it streams: the floor of a step on this
-machine. One JSON line per measurement, with XLA_FLAGS and the machine's core count.
+machine. And times that product as one call per token with the head stored narrower
+(`matvec_call_<dtype>`: fp32, bf16, fp16, int8), which would stream fewer bytes if XLA:CPU
+multiplied those types at the same speed. One JSON line per measurement, with XLA_FLAGS and the
+machine's core count.
 """
 
 import argparse
@@ -78,6 +81,23 @@ def main() -> None:
     seconds = _time(jax.jit(loop), weights) / STEPS
     lines.append({**common, 'variant': name, 'ms_per_step': 1e3 * seconds,
                   'gb_per_s': weights.size * 4 / seconds / 1e9})
+
+  x = jnp.ones((1, config.embed_dim), jnp.float32)
+  for dtype in (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int8):
+    weights = (head_vd * 100 if dtype == jnp.int8 else head_vd).astype(dtype)
+    out = jnp.int32 if dtype == jnp.int8 else jnp.float32
+    matvec = jax.jit(lambda x, w, out=out: jnp.argmax(jnp.einsum(
+        'bd,vd->bv', x.astype(w.dtype), w, preferred_element_type=out), -1))
+    jax.block_until_ready(matvec(x, weights))
+    times = []
+    for _ in range(10):
+      t = time.perf_counter()
+      jax.block_until_ready(matvec(x, weights))
+      times.append(time.perf_counter() - t)
+    seconds = sorted(times)[len(times) // 2]
+    lines.append({**common, 'variant': f'matvec_call_{jnp.dtype(dtype).name}',
+                  'ms_per_step': 1e3 * seconds,
+                  'gb_per_s': weights.size * weights.dtype.itemsize / seconds / 1e9})
 
   for line in lines:
     print(json.dumps(line))
