@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gemma_sft_jax.training import checkpointing
+from tests.conftest import xla_flags
 
 
 class _Moments(NamedTuple):  # Like an optax state: NamedTuples must survive the round trip.
@@ -204,7 +205,7 @@ print('restored onto fsdp=8 and one device')
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8'),
              JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [root, env.get('PYTHONPATH')]))

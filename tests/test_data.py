@@ -14,6 +14,7 @@ import pytest
 from gemma_sft_jax.evaluation import gsm8k
 from gemma_sft_jax.training import data
 from gemma_sft_jax.weights import tokenizer as tokenizer_lib
+from tests.conftest import xla_flags
 
 BOS, EOS, PAD = 2, 1, 0
 TOK = tokenizer_lib.load_tokenizer('byte')
@@ -252,7 +253,7 @@ def test_to_global_array_shards_rows_over_4_cpu_devices():
         np.testing.assert_array_equal(np.asarray(shard.data), local[k][rows])
     print('OK', len(out))
   ''')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=4'),
              JAX_PLATFORMS='cpu')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, '-c', code], env=env, cwd=root, capture_output=True,

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 
 _STEPS = 8
 _FLAGS = ('--config=configs/tiny.py:family=gemma2', f'--config.train.steps={_STEPS}',
@@ -50,7 +50,8 @@ def _read(path) -> str:
 def test_two_processes_train_like_two_devices_stop_together_and_resume_on_one(tmp_path, env):
   ref_dir, run_dir = tmp_path / 'ref', tmp_path / 'run'
   logs = {name: open(tmp_path / f'{name}.log', 'w') for name in ('ref', 'p0', 'p1', 'resume')}
-  reference = _start(ref_dir, dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'),
+  two_devices = xla_flags('--xla_force_host_platform_device_count=2')
+  reference = _start(ref_dir, dict(env, XLA_FLAGS=two_devices),
                      logs['ref'])
   port = _free_port()
   procs = [_start(run_dir, dict(env, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',

@@ -20,6 +20,7 @@ import pytest
 
 from gemma_sft_jax.training import optimizer as opt
 from gemma_sft_jax.training import quantization as quant
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -407,7 +408,7 @@ _SHARDING_SCRIPT = textwrap.dedent('''
 
 
 def test_state_sharding_matches_params_on_8_cpu_devices():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8'),
              JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
   proc = subprocess.run([sys.executable, '-c', _SHARDING_SCRIPT], env=env, cwd=REPO,

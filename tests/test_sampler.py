@@ -32,7 +32,7 @@ from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.training import data as data_lib
 from gemma_sft_jax.weights import loading as checkpoints
 from gemma_sft_jax.weights import tokenizer as tokenizer_lib
-from tests.conftest import write_hf_checkpoint
+from tests.conftest import write_hf_checkpoint, xla_flags
 
 from tests.sampler_helpers import BOS, LENGTHS, NO_EOS, SMALL
 from tests.sampler_helpers import random_params as _random_params
@@ -328,8 +328,8 @@ def test_rows_split_over_two_processes(tmp_path):
     port = sock.getsockname()[1]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(filter(None, [root, env.get(
-      'PYTHONPATH')])))
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(),
+             PYTHONPATH=os.pathsep.join(filter(None, [root, env.get('PYTHONPATH')])))
   procs = [subprocess.Popen([sys.executable, str(script), f'localhost:{port}', str(i),
                              json.dumps(prompts)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]

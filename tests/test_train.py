@@ -23,7 +23,7 @@ from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.training import data as data_lib
 from gemma_sft_jax.training import train as train_lib
 from gemma_sft_jax.weights import models
-from tests.conftest import ROOT, assert_bitwise_equal, flat, tiny_config
+from tests.conftest import assert_bitwise_equal, flat, ROOT, tiny_config, xla_flags
 
 STEPS = 3
 BATCH = 8
@@ -143,7 +143,7 @@ def test_meshes_match_one_device(tmp_path, env, one_device_runs):
   with open(tmp_path / 'log', 'w') as log:
     proc = subprocess.Popen(
         [sys.executable, '-c', _MESH_SCRIPT, str(tmp_path), json.dumps(_MESH_RUNS)], cwd=ROOT,
-        env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8'), stdout=log,
+        env=dict(env, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8')), stdout=log,
         stderr=subprocess.STDOUT)
     refs = {name: one_device_runs(name, **kwargs) for name, kwargs in _REFERENCES.items()}
     assert proc.wait(timeout=400) == 0, (tmp_path / 'log').read_text()[-4000:]
