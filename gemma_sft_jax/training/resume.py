@@ -41,6 +41,7 @@ SAFE_TO_CHANGE = (
     'checkpoint.',      # Cadence and retention of later checkpoints.
     'train.log_every',  # How often metrics are logged.
     'mesh.',            # The layout: checkpoints restore onto any mesh.
+    'lora.base_sharding',  # Where the frozen base lies; it is never checkpointed.
     'model.remat',      # Memory for speed; the same maths.
     'optim.grad_accum',  # Microbatching; the same global batch and normalisation.
     'data.source',      # Where the same data lives (a local copy or the hub).
