@@ -148,9 +148,9 @@ def _bench(config, steps, output, breakdown, tag, profile):
       'compilation_cache': jax.config.jax_compilation_cache_dir,
   }
   if parts.frozen:  # How the LoRA base lies along fsdp (lora.base_sharding, resolved).
-    specs = [x.sharding.spec for x in jax.tree.leaves(parts.frozen)]
-    result['lora_base_sharding'] = ('fsdp' if any('fsdp' in jax.tree.leaves(tuple(s)) for s in specs)
-                                    else 'replicated')
+    split = any('fsdp' in jax.tree.leaves(tuple(x.sharding.spec))
+                for x in jax.tree.leaves(parts.frozen))
+    result['lora_base_sharding'] = 'fsdp' if split else 'replicated'
   if tag:
     result['tag'] = tag
   if profile:

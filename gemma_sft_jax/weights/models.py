@@ -100,7 +100,7 @@ def init_params(setup: Setup, *, mesh: jax.sharding.Mesh, seed: int,
   shapes = model_lib.param_shapes(setup.model)
   shardings = sharding.param_shardings(shapes, mesh)
   if setup.model.lora.rank:
-    adapter_shapes, base_shapes = lora.split(shapes, 'lora')
+    _, base_shapes = lora.split(shapes, 'lora')
     if sharding.base_replicated(base_sharding, base_shapes, mesh):
       logging.info('LoRA base replicated along fsdp (lora.base_sharding=%s)', base_sharding)
       adapter_shardings, base_shardings = lora.split(shardings, 'lora')
