@@ -45,6 +45,7 @@ declare -A V=(
   [2b_full_fsdp2_nccl_simple]="$G2B $B16"
   [2b_full_data2]="$G2B --config.train.batch_size=16 --config.mesh.data=2 --config.mesh.fsdp=1"
   [2b_full_data2_overlap]="$G2B --config.train.batch_size=16 --config.mesh.data=2 --config.mesh.fsdp=1"
+  [9b_lora_slice_fusion]="$L9B $B8"
   [9b_lora_fsdp2_base_fsdp]="$L9B $B16 --config.lora.base_sharding=fsdp"
 )
 # Environment of a variant.
@@ -57,6 +58,7 @@ declare -A FLAGS=(
   [9b_lora_fsdp2_overlap]="$OVERLAP"
   [9b_full_fsdp2_overlap]="$OVERLAP"
   [2b_full_data2_overlap]="$OVERLAP"
+  [9b_lora_slice_fusion]="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_while_loop_double_buffering=true"
 )
 for name in "$@"; do
   echo "== $name" >&2
