@@ -38,3 +38,31 @@ def test_ratio_and_efficiency_are_computed(tmp_path):
   assert '| Gemma 2 2B full SFT | 1,500 | 30.0% | 20.0 | `dots` | 1,000 | 40.0 |' in compare
   assert compare.rstrip().endswith('| 1.50× |')
   assert '| Gemma 2 2B full SFT | 1,500 | 1,350 | 12.0 | 90% |' in scaling
+
+
+def test_trace_top_reads_one_device_and_counts_overlap_once(tmp_path):
+  """benchmarks/trace_top.py: kernels summed by name on device tracks (all, or device N only),
+  and the time any kernel of a device runs, with kernels on two streams counted once."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'trace_top', os.path.join(REPO, 'benchmarks', 'trace_top.py'))
+  trace_top = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(trace_top)
+  meta = [{'ph': 'M', 'name': 'process_name', 'pid': pid, 'args': {'name': name}}
+          for pid, name in ((1, '/device:GPU:0'), (2, '/device:GPU:1'), (3, '/host:CPU'))]
+  kernels = [  # (pid, name, start us, duration us); on GPU 0 a matmul overlaps an all-gather.
+      (1, 'gemm', 0, 100), (1, 'nccl_all_gather', 50, 100), (1, 'gemm', 300, 100),
+      (2, 'gemm', 0, 400), (3, 'python', 0, 1000)]
+  events = meta + [{'ph': 'X', 'pid': p, 'name': n, 'ts': t, 'dur': d} for p, n, t, d in kernels]
+  path = tmp_path / 'perfetto_trace.json.gz'
+  with gzip.open(path, 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  gpu0 = trace_top.device_events(str(path), device=0)
+  assert sorted(e['name'] for e in gpu0) == ['gemm', 'gemm', 'nccl_all_gather']
+  assert len(trace_top.device_events(str(path))) == 4  # both GPUs, not the host
+  rows = {r['name']: r for r in trace_top.summarise(gpu0, steps=2)}
+  assert rows['gemm']['ms_per_step'] == pytest.approx(0.1)  # 200 us over 2 steps
+  assert rows['gemm']['launches_per_step'] == 1.0
+  # Busy 0-150 and 300-400 us: 250 us over 2 steps, where the kernels sum to 300.
+  assert trace_top.union_ms(gpu0, steps=2) == pytest.approx(0.125)
