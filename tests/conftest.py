@@ -2,8 +2,11 @@
 270M GGUF, the runs the export tests read, the tiny run config, the environment of CLI
 subprocesses, and bitwise comparison."""
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -25,6 +28,12 @@ def xla_flags(*extra: str) -> str:
 
 # Set before JAX creates its CPU backend (on first use), so it applies to this process too.
 os.environ['XLA_FLAGS'] = ' '.join(filter(None, [os.environ.get('XLA_FLAGS'), xla_flags()]))
+# One persistent compilation cache for this process's tests: many of them jit the same tiny
+# programs through new functions, which JAX's in-memory cache does not share.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix='gemma_sft_jax_tests_xla_')
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+jax.config.update('jax_compilation_cache_dir', _COMPILATION_CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.3)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The full GSM8K shipped with the package (GSM8K_DIR: another copy, e.g. the uncompressed files).

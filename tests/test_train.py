@@ -99,12 +99,12 @@ _MESH_RUNS = {
     'full_f8': dict(method='full', mesh=dict(fsdp=8)),
     'lora_d2f2t2': dict(method='lora', mesh=dict(data=2, fsdp=2, tensor=2)),
     'lora_f8': dict(method='lora', mesh=dict(fsdp=8)),
-    # The frozen base replicated along fsdp (lora.base_sharding), the adapters still split.
-    'lora_f8_replicated': dict(method='lora', mesh=dict(fsdp=8), base_sharding='replicated'),
     'int8_d2f2t2': dict(method='full', mesh=dict(data=2, fsdp=2, tensor=2), state_dtype='int8'),
     # Scanned layers: stacked [L, ...] params, the leading axis unsharded, the rest by the rules.
     'scanfull_d2f2t2': dict(method='full', mesh=dict(data=2, fsdp=2, tensor=2), scan=True),
-    'scanlora_f8': dict(method='lora', mesh=dict(fsdp=8), scan=True),
+    # The frozen (stacked) base replicated along fsdp (lora.base_sharding), the adapters split.
+    'scanlora_f8_replicated': dict(method='lora', mesh=dict(fsdp=8), scan=True,
+                                   base_sharding='replicated'),
 }
 
 _MESH_SCRIPT = """
