@@ -195,8 +195,9 @@ class Block(nn.Module):
 
   The call signature is the body of `nn.scan`: (carry, per-layer (local flag, cache, shared
   prefix cache), broadcast arguments...) -> (carry, new cache). Unrolled layers pass
-  local=None, know their `layer_type` and carry x with their own cache. Scanned layers with a KV cache carry (x, the stacked cache),
-  get their layer index in place of a cache and write into the stacked cache in place.
+  local=None, know their `layer_type` and carry x with their own cache. Scanned layers with a KV
+  cache carry (x, the stacked cache), get their layer index in place of a cache and write into the
+  stacked cache in place.
   """
 
   config: architecture.ModelConfig

@@ -107,7 +107,7 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     count = adam.count + 1
     bc = optimizer.bias_corrections(b1, b2, count)
     lr = jnp.asarray(schedule(sched.count), jnp.float32)
-    divisor = jnp.asarray(divisor, jnp.float32)
+    per_token = 1.0 / jnp.asarray(divisor, jnp.float32)
     leaves, treedef = jax.tree.flatten(params)
     grads, mus, nus, decays, plan = (
         treedef.flatten_up_to(t) for t in (grad_sums, adam.mu, adam.nu, decay_mask, chunks))
@@ -115,7 +115,7 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     def sum_squares(g, n):
       # The divided gradients' squared norm, block by block for split leaves. The barrier keeps
       # XLA from hoisting the fp32 conversion of the whole leaf out of the loop.
-      sq = lambda x: jnp.sum(jnp.square(x.astype(jnp.float32) * (1.0 / divisor)))  # noqa: E731
+      sq = lambda x: jnp.sum(jnp.square(x.astype(jnp.float32) * per_token))  # noqa: E731
       if n == 1:
         return sq(g)
       rows = g.shape[0] // n
@@ -126,9 +126,9 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     norm = jnp.sqrt(sum(sum_squares(g, n) for g, n in zip(grads, plan)))
     # Gradient sums -> clipped mean gradients (as optax.clip_by_global_norm) with one scalar, so
     # each element costs a multiplication rather than two divisions and a select.
-    grad_scale = 1.0 / divisor
+    grad_scale = per_token
     if clip_norm:
-      grad_scale = jnp.where(norm < clip_norm, grad_scale, grad_scale * (clip_norm / norm))
+      grad_scale = jnp.where(norm < clip_norm, per_token, per_token * (clip_norm / norm))
 
     def block(p, g, mu, nu, decay, seed_leaf, offset):
       def prepare(g):
