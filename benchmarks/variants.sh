@@ -47,6 +47,15 @@ declare -A V=(
   [2b_full_data2_overlap]="$G2B --config.train.batch_size=16 --config.mesh.data=2 --config.mesh.fsdp=1"
   [9b_lora_slice_fusion]="$L9B $B8"
   [9b_lora_fsdp2_base_fsdp]="$L9B $B16 --config.lora.base_sharding=fsdp"
+  # Adam moments as the transformers 2B baseline keeps them (fp32), or in bf16.
+  [2b_full_f32_states]="$G2B $B8 --config.optim.state_dtype=float32 --breakdown"
+  [2b_full_bf16_states]="$G2B $B8 --config.optim.state_dtype=bfloat16 --breakdown"
+  [2b_full_int8_states]="$G2B $B8 --config.optim.state_dtype=int8 --breakdown"
+  # The loss's logits recomputed in the backward pass (the default before save_loss_logits), or
+  # kept where the config recomputes them.
+  [2b_full_recompute_logits]="$G2B $B8 --config.model.save_loss_logits=false"
+  [9b_lora_recompute_logits]="$L9B $B8 --config.model.save_loss_logits=false"
+  [9b_full_save_logits]="$F9B $B8 --config.model.save_loss_logits=true --breakdown"
 )
 # Environment of a variant.
 declare -A ENVS=(

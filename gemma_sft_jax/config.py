@@ -14,6 +14,7 @@ Fields (the contract the README documents):
   model.param_dtype   dtype of the stored (base) parameters, 'float32' | 'bfloat16'
   model.remat         activation rematerialisation, 'none' | 'full' | 'dots' | 'save:PROJ,...'
   model.scan_layers   one nn.scan over the layers (stacked params; compile time independent of depth)
+  model.save_loss_logits  keep the loss's logits for the backward pass instead of recomputing them
   tuning_method       'full' | 'lora'
   lora.*              rank, alpha, dropout, targets (regex over parameter paths), base_sharding
   data.*              source (local dir, default the bundled GSM8K; or a hub id), subset, ...
@@ -49,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Dtype of the vocab-chunk logits matmul in the loss: bfloat16 keeps its backward in bf16
   # (faster; BENCHMARKS.md); softmax statistics are fp32 either way.
   c.model.logits_dtype = 'float32'
+  # Keep the loss's [tokens, vocab] logits (in logits_dtype) for the backward pass instead of
+  # recomputing them: one matmul of the head fewer, for tokens x vocab x 2-4 bytes of memory.
+  c.model.save_loss_logits = False
 
   c.tuning_method = 'full'
 

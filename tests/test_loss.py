@@ -73,6 +73,37 @@ def test_chunked_matches_naive(softcap, chunk_size):
   assert not np.any(np.asarray(grads[0])[np.asarray(inputs[3]) == 0])
 
 
+@pytest.mark.parametrize('chunk_size', [23, 50, 1000])  # Divides V, leaves a remainder, >= V.
+@pytest.mark.parametrize('logits_dtype', [jnp.float32, jnp.bfloat16])
+def test_saved_logits_match_recomputed(chunk_size, logits_dtype):
+  """Keeping the chunks' matmul outputs for the backward gives the loss and gradients that
+  recomputing them gives, with one matmul fewer per chunk in the backward pass."""
+  inputs = _inputs(seed=4, scale=3.0, dtype=jnp.bfloat16)
+  kw = dict(softcap=5.0, chunk_size=chunk_size, logits_dtype=logits_dtype)
+  # bf16 logits op by op: under jit XLA:CPU would keep the recomputed ones unrounded (see the
+  # bf16 test below), while a saved buffer is bf16.
+  jit = logits_dtype == jnp.float32
+  value, grads = _mean_loss_and_grads(loss.chunked_cross_entropy, *inputs, jit=jit, **kw)
+  saved_value, saved_grads = _mean_loss_and_grads(loss.chunked_cross_entropy, *inputs, jit=jit,
+                                                  save_logits=True, **kw)
+  np.testing.assert_allclose(saved_value, value, rtol=1e-6)
+  for g, ref in zip(saved_grads, grads):
+    assert g.dtype == ref.dtype and np.abs(np.asarray(ref, np.float32)).max() > 0
+    _assert_close(g, ref, rtol=1e-6)
+
+  def dot_count(save_logits):
+    def mean_loss(h, e):
+      loss_sum, weight_sum = loss.chunked_cross_entropy(h, e, *inputs[2:], save_logits=save_logits,
+                                                        **kw)
+      return loss_sum / weight_sum
+    return len(_dot_operand_dtypes(jax.make_jaxpr(jax.grad(mean_loss, argnums=(0, 1)))(
+        *inputs[:2]).jaxpr))
+  # The backward recomputes with 3 dots per chunk, or reads the saved logits with 2: one dot
+  # fewer in the loop's body, and in the remainder chunk where there is one.
+  remainder = chunk_size < V and V % chunk_size
+  assert dot_count(False) - dot_count(True) == (2 if remainder else 1)
+
+
 def test_chunked_sums_match_naive_sums():
   """The two sufficient statistics themselves (not only their ratio) agree."""
   inputs = _inputs(seed=1)

@@ -54,7 +54,8 @@ def _setup(config, *, with_lora: bool, mesh) -> models.Setup:
 
 def _train_steps(*, method: str, mesh: dict[str, int], state_dtype: str = 'float32',
                  grad_accum: int = 1, steps: int = STEPS, scan: bool = False,
-                 base_sharding: str = 'fsdp') -> dict[str, np.ndarray]:
+                 base_sharding: str = 'fsdp', save_loss_logits: bool = False
+                 ) -> dict[str, np.ndarray]:
   """`steps` updates of train.build's jitted step on the tiny config's first real batches.
 
   Returns flat arrays: 'loss' per step, and 'init/', 'params/' (trainable before / after),
@@ -65,7 +66,7 @@ def _train_steps(*, method: str, mesh: dict[str, int], state_dtype: str = 'float
       'train.batch_size': BATCH, 'optim.state_dtype': state_dtype, 'optim.grad_accum': grad_accum,
       'mesh.data': mesh.get('data', 1), 'mesh.fsdp': mesh.get('fsdp', 1),
       'mesh.tensor': mesh.get('tensor', 1), 'model.scan_layers': scan,
-      'lora.base_sharding': base_sharding})
+      'lora.base_sharding': base_sharding, 'model.save_loss_logits': save_loss_logits})
   n = config.mesh.data * config.mesh.fsdp * config.mesh.tensor
   device_mesh = sharding.make_mesh(**config.mesh, devices=jax.devices()[:n])
   setup = _setup(config, with_lora=method == 'lora', mesh=device_mesh)
@@ -244,8 +245,10 @@ def test_lora_trains_only_adapters_and_keeps_no_base_sized_state(one_device_runs
 # ---- Gradient accumulation. ---------------------------------------------------------------------
 
 def test_grad_accum_matches_one_big_batch(one_device_runs):
+  """Two microbatches, with the loss's logits kept for the backward pass (which must not change
+  the result either), against one batch that recomputes them."""
   ref = one_device_runs('full', **_REFERENCES['full'])
-  run = _train_steps(method='full', mesh={}, grad_accum=2)
+  run = _train_steps(method='full', mesh={}, grad_accum=2, save_loss_logits=True)
   np.testing.assert_allclose(run['loss'], ref['loss'], rtol=1e-5, atol=0)
   params, ref_params = _part(run, 'params'), _part(ref, 'params')
   assert params.keys() == ref_params.keys()

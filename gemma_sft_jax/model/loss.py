@@ -25,6 +25,20 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+def _raw_logits(hidden_ND: Array, embedding_CD: Array, logits_dtype: Any) -> Array:
+  """The chunk matmul's output [N, C] in `logits_dtype` (accumulated in fp32 inside the dot)."""
+  return jnp.einsum('ND,CD->NC', hidden_ND, embedding_CD.astype(hidden_ND.dtype),
+                    preferred_element_type=logits_dtype)
+
+
+def _capped(raw_NC: Array, softcap: float | None) -> Array:
+  """fp32 logits from the matmul's output, softcapped when the model says so."""
+  logits_NC = raw_NC.astype(jnp.float32)
+  if softcap is not None:
+    logits_NC = jnp.tanh(logits_NC / softcap) * softcap
+  return logits_NC
+
+
 def _logits(hidden_ND: Array, embedding_CD: Array, softcap: float | None,
             logits_dtype: Any) -> Array:
   """fp32 logits [N, C] of one vocabulary chunk, softcapped when the model says so.
@@ -32,11 +46,7 @@ def _logits(hidden_ND: Array, embedding_CD: Array, softcap: float | None,
   The matmul runs in the activation dtype and emits `logits_dtype` (accumulation is fp32 inside
   the dot either way); everything after it is fp32.
   """
-  logits_NC = jnp.einsum('ND,CD->NC', hidden_ND, embedding_CD.astype(hidden_ND.dtype),
-                         preferred_element_type=logits_dtype).astype(jnp.float32)
-  if softcap is not None:
-    logits_NC = jnp.tanh(logits_NC / softcap) * softcap
-  return logits_NC
+  return _capped(_raw_logits(hidden_ND, embedding_CD, logits_dtype), softcap)
 
 
 def _over_chunks(fn, carry, vocab_size: int, chunk_size: int):
@@ -56,67 +66,83 @@ def _is_target(targets_N: Array, start: Any, width: int) -> Array:
   return (targets_N - start)[:, None] == jnp.arange(width, dtype=targets_N.dtype)[None, :]
 
 
-def _forward_stats(hidden_ND, embedding_VD, targets_N, softcap, chunk_size, logits_dtype):
-  """Per-token logsumexp and target logit [N] in fp32, by an online logsumexp over chunks."""
+def _forward_stats(hidden_ND, embedding_VD, targets_N, softcap, chunk_size, logits_dtype,
+                   save_logits=False):
+  """Per-token logsumexp and target logit [N] in fp32, by an online logsumexp over chunks.
+
+  With `save_logits`, also the matmul's output of every chunk (`logits_dtype`): [full chunks, N,
+  chunk_size] and the remainder [N, rem] (None where there is none); else (None, None).
+  """
   n = hidden_ND.shape[0]
+  num_full, rem = divmod(embedding_VD.shape[0], chunk_size)
 
   def step(carry, start, width):
-    max_N, sumexp_N, target_N = carry
-    logits_NC = _logits(hidden_ND, jax.lax.dynamic_slice_in_dim(embedding_VD, start, width),
-                        softcap, logits_dtype)
+    (max_N, sumexp_N, target_N), saved = carry
+    raw_NC = _raw_logits(hidden_ND, jax.lax.dynamic_slice_in_dim(embedding_VD, start, width),
+                         logits_dtype)
+    logits_NC = _capped(raw_NC, softcap)
     new_max_N = jnp.maximum(max_N, logits_NC.max(axis=-1))
-    # exp(-inf - finite) = 0 on the first chunk, so the -inf start needs no special case.
     sumexp_N = (sumexp_N * jnp.exp(max_N - new_max_N)
                 + jnp.exp(logits_NC - new_max_N[:, None]).sum(axis=-1))
-    # Exactly one chunk holds each target; a masked sum is a fused reduction, not a gather.
     target_N += jnp.where(_is_target(targets_N, start, width), logits_NC, 0.0).sum(axis=-1)
-    return new_max_N, sumexp_N, target_N
+    if save_logits and width == chunk_size:
+      saved = (jax.lax.dynamic_update_index_in_dim(saved[0], raw_NC, start // chunk_size, 0),
+               saved[1])
+    elif save_logits:
+      saved = (saved[0], raw_NC)
+    return (new_max_N, sumexp_N, target_N), saved
 
   init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
           jnp.zeros((n,), jnp.float32))
-  max_N, sumexp_N, target_N = _over_chunks(step, init, embedding_VD.shape[0], chunk_size)
-  return max_N + jnp.log(sumexp_N), target_N
+  saved = (jnp.zeros((num_full, n, chunk_size), logits_dtype) if save_logits and num_full
+           else None, None)
+  (max_N, sumexp_N, target_N), saved = _over_chunks(step, (init, saved),
+                                                     embedding_VD.shape[0], chunk_size)
+  return max_N + jnp.log(sumexp_N), target_N, saved
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_ce(hidden_ND, embedding_VD, targets_N, weights_N, softcap, chunk_size, logits_dtype):
-  lse_N, target_N = _forward_stats(hidden_ND, embedding_VD, targets_N, softcap, chunk_size,
-                                   logits_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked_ce(hidden_ND, embedding_VD, targets_N, weights_N, softcap, chunk_size, logits_dtype,
+                save_logits):
+  del save_logits  # Only the backward pass differs.
+  lse_N, target_N, _ = _forward_stats(hidden_ND, embedding_VD, targets_N, softcap, chunk_size,
+                                      logits_dtype)
   return jnp.sum(weights_N * (lse_N - target_N)), jnp.sum(weights_N)
 
 
 def _chunked_ce_fwd(hidden_ND, embedding_VD, targets_N, weights_N, softcap, chunk_size,
-                    logits_dtype):
-  lse_N, target_N = _forward_stats(hidden_ND, embedding_VD, targets_N, softcap, chunk_size,
-                                   logits_dtype)
+                    logits_dtype, save_logits):
+  lse_N, target_N, saved = _forward_stats(hidden_ND, embedding_VD, targets_N, softcap,
+                                          chunk_size, logits_dtype, save_logits)
   ce_N = lse_N - target_N
-  # Residuals are the inputs plus two [N] vectors; chunk logits are recomputed in the backward.
-  residuals = (hidden_ND, embedding_VD, targets_N, weights_N, lse_N, ce_N)
+  residuals = (hidden_ND, embedding_VD, targets_N, weights_N, lse_N, ce_N, saved)
   return (jnp.sum(weights_N * ce_N), jnp.sum(weights_N)), residuals
 
 
-def _chunked_ce_bwd(softcap, chunk_size, logits_dtype, residuals, cotangents):
-  hidden_ND, embedding_VD, targets_N, weights_N, lse_N, ce_N = residuals
+def _chunked_ce_bwd(softcap, chunk_size, logits_dtype, save_logits, residuals, cotangents):
+  hidden_ND, embedding_VD, targets_N, weights_N, lse_N, ce_N, saved = residuals
   g_loss, g_weight_sum = cotangents
   coef_N = (g_loss * weights_N)[:, None]
 
   def step(carry, start, width):
     d_hidden_ND, d_embedding_VD = carry
     embedding_CD = jax.lax.dynamic_slice_in_dim(embedding_VD, start, width)
-    logits_NC = _logits(hidden_ND, embedding_CD, softcap, logits_dtype)
-    # d CE / d logit = softmax - onehot(target), scaled by the token's weight.
+    if not save_logits:  # Recompute the chunk's logits.
+      raw_NC = _raw_logits(hidden_ND, embedding_CD, logits_dtype)
+    elif width == chunk_size:
+      raw_NC = jax.lax.dynamic_index_in_dim(saved[0], start // chunk_size, 0, keepdims=False)
+    else:
+      raw_NC = saved[1]
+    logits_NC = _capped(raw_NC, softcap)
     d_logits_NC = coef_N * (jnp.exp(logits_NC - lse_N[:, None])
                             - _is_target(targets_N, start, width).astype(jnp.float32))
     if softcap is not None:  # d/du cap·tanh(u/cap) = 1 - tanh² = 1 - (logit/cap)².
       d_logits_NC = d_logits_NC * (1.0 - jnp.square(logits_NC / softcap))
-    # The cotangent enters the two matmuls in `logits_dtype`: bf16 keeps them at bf16 speed,
-    # exactly as autodiff would through a matmul that emitted bf16.
     d_logits_NC = d_logits_NC.astype(logits_dtype)
     d_hidden_ND += jnp.einsum('NC,CD->ND', d_logits_NC, embedding_CD.astype(hidden_ND.dtype),
                               preferred_element_type=jnp.float32)
     d_embedding_CD = jnp.einsum('NC,ND->CD', d_logits_NC, hidden_ND,
                                 preferred_element_type=jnp.float32)
-    # Each vocabulary row belongs to exactly one chunk, so a write (in place in the loop) suffices.
     d_embedding_VD = jax.lax.dynamic_update_slice_in_dim(
         d_embedding_VD, d_embedding_CD.astype(embedding_VD.dtype), start, axis=0)
     return d_hidden_ND, d_embedding_VD
@@ -141,8 +167,9 @@ def _check_shapes(hidden: Array, embedding: Array, targets: Array, weights: Arra
 
 def chunked_cross_entropy(hidden: Array, embedding: Array, targets: Array, weights: Array, *,
                           softcap: float | None = None, chunk_size: int = 8192,
-                          logits_dtype: Any = jnp.float32) -> tuple[Array, Array]:
-  """Weighted next-token cross-entropy through the tied head, without forming [B·T, V] logits.
+                          logits_dtype: Any = jnp.float32,
+                          save_logits: bool = False) -> tuple[Array, Array]:
+  """Weighted next-token cross-entropy through the tied head, without forming [B·T, V] fp32 logits.
 
   Logits are hidden · embeddingᵀ, then `tanh(z / softcap) · softcap` when `softcap` is given,
   then log-softmax, computed over vocabulary chunks with an online logsumexp (fp32 statistics).
@@ -164,6 +191,9 @@ def chunked_cross_entropy(hidden: Array, embedding: Array, targets: Array, weigh
       2B full SFT on an H200 bfloat16 made the whole step 11% faster (BENCHMARKS.md, "Levers
       measured"). (Under jit, XLA:CPU fuses the bf16 output back into an fp32 dot, so on CPU the
       forward logits may stay unrounded.)
+    save_logits: keep every chunk's matmul output ([B·T, V] in `logits_dtype`: 2 GiB for 4096
+      tokens of a 256k vocabulary in bf16) for the backward pass instead of recomputing it,
+      which saves one of the head's three matmuls. Same values either way.
 
   Returns:
     (loss_sum, weight_sum), fp32 scalars: the sum over tokens of weight · CE and the sum of
@@ -177,18 +207,20 @@ def chunked_cross_entropy(hidden: Array, embedding: Array, targets: Array, weigh
   return _chunked_ce(hidden.reshape(-1, d), embedding, targets.reshape(-1).astype(jnp.int32),
                      weights.reshape(-1).astype(jnp.float32),
                      None if softcap is None else float(softcap),
-                     min(int(chunk_size), embedding.shape[0]), jnp.dtype(logits_dtype))
+                     min(int(chunk_size), embedding.shape[0]), jnp.dtype(logits_dtype),
+                     bool(save_logits))
 
 
 def naive_cross_entropy(hidden: Array, embedding: Array, targets: Array, weights: Array, *,
                         softcap: float | None = None, chunk_size: int = 8192,
-                        logits_dtype: Any = jnp.float32) -> tuple[Array, Array]:
+                        logits_dtype: Any = jnp.float32,
+                        save_logits: bool = False) -> tuple[Array, Array]:
   """The same loss as `chunked_cross_entropy`, forming the full [B, T, V] logits.
 
   The reference in tests, and fine for small vocabularies. Same arguments and result;
-  `chunk_size` is accepted for a drop-in signature and ignored.
+  `chunk_size` and `save_logits` are accepted for a drop-in signature and ignored.
   """
-  del chunk_size  # One chunk: the whole vocabulary.
+  del chunk_size, save_logits  # One chunk: the whole vocabulary, kept by autodiff.
   _check_shapes(hidden, embedding, targets, weights)
   logits_BTV = _logits(hidden.reshape(-1, hidden.shape[-1]), embedding, softcap,
                        logits_dtype).reshape(*hidden.shape[:2], -1)

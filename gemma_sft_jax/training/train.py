@@ -45,8 +45,8 @@ def matmul_params(config: architecture.ModelConfig) -> int:
   return c.num_layers * per_layer + c.vocab_size * c.embed_dim
 
 
-def make_grad_fn(*, model: model_lib.Transformer,
-                 logits_dtype: Any = jnp.float32) -> Callable[..., Any]:
+def make_grad_fn(*, model: model_lib.Transformer, logits_dtype: Any = jnp.float32,
+                 save_logits: bool = False) -> Callable[..., Any]:
   """grad_fn(trainable, frozen, batch, rng) -> ((loss_sum, weight_sum), gradient sums)."""
   softcap = model.config.final_logit_softcap
 
@@ -57,7 +57,7 @@ def make_grad_fn(*, model: model_lib.Transformer,
                             rngs={'dropout': rng})
     return loss_lib.chunked_cross_entropy(
         hidden, params['embedder']['embedding'], micro['targets'], micro['weights'],
-        softcap=softcap, logits_dtype=logits_dtype)
+        softcap=softcap, logits_dtype=logits_dtype, save_logits=save_logits)
 
   return jax.value_and_grad(loss_sums, has_aux=True)
 
@@ -156,7 +156,8 @@ def build(config: ml_collections.ConfigDict, setup: models.Setup, mesh: jax.shar
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   grad_fn = make_grad_fn(model=setup.model,
-                         logits_dtype=models.dtype_of(config.model.logits_dtype, 'model.logits_dtype'))
+                         logits_dtype=models.dtype_of(config.model.logits_dtype, 'model.logits_dtype'),
+                         save_logits=config.model.save_loss_logits)
   step_fn = jax.jit(
       make_train_step(grad_fn=grad_fn, update=update, grad_accum=o.grad_accum),
       in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),

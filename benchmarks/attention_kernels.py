@@ -1,0 +1,114 @@
+r"""Attention alone, forward + backward: the model's einsum path against tokamax's fused kernels.
+
+  python benchmarks/attention_kernels.py [--variants gemma2_2b,gemma2_9b] [--batch 8]
+      [--seq 512] [--impls einsum,mosaic,triton] [--output OUT.jsonl]
+
+Random bf16 queries, keys and values shaped like one layer of each variant (two packed segments
+per row), the layer's softcap and query scaling. For each implementation: the median time of a
+jitted forward + backward (the cotangent is random), and its largest difference from the einsum
+path computed in fp32 (output and the three gradients), one JSON line each. tokamax is an optional
+dependency (`pip install -e '.[kernels]'`); an implementation that raises is reported as such.
+"""
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+
+def _inputs(c, batch: int, seq: int, key):
+  kq, kk, kv, kg = jax.random.split(key, 4)
+  n, k, h = c.num_heads, c.num_kv_heads, c.head_dim
+  q = jax.random.normal(kq, (batch, seq, n, h), jnp.float32)
+  keys = jax.random.normal(kk, (batch, seq, k, h), jnp.float32)
+  vals = jax.random.normal(kv, (batch, seq, k, h), jnp.float32)
+  cot = jax.random.normal(kg, (batch, seq, n, h), jnp.float32)
+  # Two packed documents per row: the first 60% of the tokens, then the rest.
+  split = int(seq * 0.6)
+  idx = jnp.arange(seq)
+  segment_ids = jnp.broadcast_to(jnp.where(idx < split, 1, 2), (batch, seq)).astype(jnp.int32)
+  positions = jnp.broadcast_to(jnp.where(idx < split, idx, idx - split), (batch, seq))
+  return q, keys, vals, cot, positions.astype(jnp.int32), segment_ids
+
+
+def _einsum_fn(c, positions, segment_ids, dtype):
+  from gemma_sft_jax.model import attention  # pylint: disable=g-import-not-at-top
+
+  def fn(q, keys, vals):
+    return attention.attend(c, q, jnp.swapaxes(keys, 1, 2), jnp.swapaxes(vals, 1, 2), positions,
+                            segment_ids, positions, segment_ids, False, None, dtype=dtype)
+  return fn
+
+
+def _tokamax_fn(c, positions, segment_ids, impl):
+  import tokamax  # pylint: disable=g-import-not-at-top
+  from gemma_sft_jax.model import attention  # pylint: disable=g-import-not-at-top
+  mask = attention.attention_mask(positions, segment_ids, positions, segment_ids, None)
+
+  def fn(q, keys, vals):
+    return tokamax.dot_product_attention(
+        q, keys, vals, mask=mask[:, None], is_causal=True, scale=c.query_pre_attn_scalar ** -0.5,
+        logits_soft_cap=c.attn_logit_softcap, implementation=impl)
+  return fn
+
+
+def _time(fn, args, cot, steps: int) -> float:
+  def loss_grads(*a):
+    out, vjp = jax.vjp(fn, *a)
+    return out, vjp(cot.astype(out.dtype))
+  step = jax.jit(loss_grads)
+  jax.block_until_ready(step(*args))
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(step(*args))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times), step(*args)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--variants', default='gemma2_2b,gemma2_9b')
+  p.add_argument('--impls', default='einsum,mosaic,triton')
+  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--seq', type=int, default=512)
+  p.add_argument('--steps', type=int, default=20)
+  p.add_argument('--output')
+  args = p.parse_args()
+  flags.FLAGS.mark_as_parsed()  # tokamax reads absl flags; this script's are argparse's.
+  from gemma_sft_jax.model import architecture  # pylint: disable=g-import-not-at-top
+  for name in args.variants.split(','):
+    c = architecture.VARIANTS[name]
+    q, keys, vals, cot, positions, segment_ids = _inputs(c, args.batch, args.seq,
+                                                         jax.random.key(0))
+    ref_fn = _einsum_fn(c, positions, segment_ids, jnp.float32)
+    ref_out, ref_vjp = jax.vjp(ref_fn, q, keys, vals)
+    ref = (ref_out, ref_vjp(cot))
+    bf = tuple(a.astype(jnp.bfloat16) for a in (q, keys, vals))
+    for impl in args.impls.split(','):
+      row = {'bench': 'attention_kernels', 'variant': name, 'impl': impl, 'batch': args.batch,
+             'seq_len': args.seq, 'device': jax.devices()[0].device_kind,
+             'date': datetime.date.today().isoformat(), 'jax': jax.__version__}
+      try:
+        fn = (_einsum_fn(c, positions, segment_ids, jnp.bfloat16) if impl == 'einsum'
+              else _tokamax_fn(c, positions, segment_ids, impl))
+        seconds, (out, grads) = _time(fn, bf, cot, args.steps)
+        diff = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
+        row.update(fwd_bwd_ms=seconds * 1e3, max_abs_diff_out=diff(out, ref[0]),
+                   max_abs_diff_grads=[diff(a, b) for a, b in zip(grads, ref[1])],
+                   ref_max_abs_grads=[float(jnp.max(jnp.abs(b))) for b in ref[1]])
+      except Exception as e:  # pylint: disable=broad-except
+        row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
+      print(json.dumps(row), flush=True)
+      if args.output:
+        with open(args.output, 'a') as f:
+          f.write(json.dumps(row) + '\n')
+
+
+if __name__ == '__main__':
+  main()
