@@ -55,7 +55,7 @@ declare -A V=(
   # kept where the config recomputes them.
   [2b_full_recompute_logits]="$G2B $B8 --config.model.save_loss_logits=false"
   [9b_lora_recompute_logits]="$L9B $B8 --config.model.save_loss_logits=false"
-  [9b_full_save_logits]="$F9B $B8 --config.model.save_loss_logits=true --breakdown"
+  [9b_full_save_logits]="$F9B $B8 --config.model.save_loss_logits=true"
 )
 # Environment of a variant.
 declare -A ENVS=(
