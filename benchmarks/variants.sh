@@ -56,6 +56,7 @@ declare -A V=(
   [2b_full_recompute_logits]="$G2B $B8 --config.model.save_loss_logits=false"
   [9b_lora_recompute_logits]="$L9B $B8 --config.model.save_loss_logits=false"
   [9b_full_save_logits]="$F9B $B8 --config.model.save_loss_logits=true"
+  [9b_full_recompute_logits]="$F9B $B8 --config.model.save_loss_logits=false"
 )
 # Environment of a variant.
 declare -A ENVS=(
