@@ -168,8 +168,11 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, rows)  # noqa: E731
         put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, start, 0)  # noqa: E731
         offset = start.astype(jnp.uint32) * jnp.uint32(row_elements % (1 << 32))
-        new_p, new_mu, new_nu = block(take(p), _barrier(take(g)), jax.tree.map(take, mu),
-                                      jax.tree.map(take, nu), decay, seed_leaf, offset)
+        # The barrier makes the block's new values one fusion with several outputs, written
+        # into the leaves after it; fused into the in-place writes, XLA would make one fusion per
+        # output, each recomputing the whole update.
+        new_p, new_mu, new_nu = _barrier(block(take(p), _barrier(take(g)), jax.tree.map(take, mu),
+                                               jax.tree.map(take, nu), decay, seed_leaf, offset))
         return put(p, new_p), g, jax.tree.map(put, mu, new_mu), jax.tree.map(put, nu, new_nu)
 
       p, _, mu, nu = jax.lax.fori_loop(0, n, body, (p, g, mu, nu))
