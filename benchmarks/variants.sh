@@ -57,6 +57,10 @@ declare -A V=(
   [9b_lora_recompute_logits]="$L9B $B8 --config.model.save_loss_logits=false"
   [9b_full_save_logits]="$F9B $B8 --config.model.save_loss_logits=true"
   [9b_full_recompute_logits]="$F9B $B8 --config.model.save_loss_logits=false"
+  # launch/gpu_env.sh's collective-overlap flags on one GPU (where there is nothing to overlap).
+  [2b_full_overlap]="$G2B $B8"
+  [9b_lora_overlap]="$L9B $B8"
+  [9b_full_overlap]="$F9B $B8"
 )
 # Environment of a variant.
 declare -A ENVS=(
@@ -68,6 +72,9 @@ declare -A FLAGS=(
   [9b_lora_fsdp2_overlap]="$OVERLAP"
   [9b_full_fsdp2_overlap]="$OVERLAP"
   [2b_full_data2_overlap]="$OVERLAP"
+  [2b_full_overlap]="$OVERLAP"
+  [9b_lora_overlap]="$OVERLAP"
+  [9b_full_overlap]="$OVERLAP"
   [9b_lora_slice_fusion]="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_while_loop_double_buffering=true"
 )
 for name in "$@"; do

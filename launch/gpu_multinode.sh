@@ -8,11 +8,13 @@ DRY_RUN=${DRY_RUN:-}; [ "${1:-}" = "--dry-run" ] && { DRY_RUN=1; shift; }
 export JAX_COORDINATOR_ADDRESS=${COORDINATOR:?set COORDINATOR=host:port}
 export JAX_NUM_PROCESSES=${NUM_NODES:?set NUM_NODES}
 export JAX_PROCESS_ID=${NODE_RANK:?set NODE_RANK}
-export NCCL_NVLS_ENABLE=0  # NVLink multicast off.
+source "$(dirname "$0")/gpu_env.sh"  # NVLink multicast off, memory fraction, collective overlap.
 cmd=(python -m gemma_sft_jax.main "$@")
 if [ -n "$DRY_RUN" ]; then
   echo "JAX_COORDINATOR_ADDRESS=$JAX_COORDINATOR_ADDRESS JAX_NUM_PROCESSES=$JAX_NUM_PROCESSES" \
-       "JAX_PROCESS_ID=$JAX_PROCESS_ID NCCL_NVLS_ENABLE=0 ${cmd[*]@Q}"
+       "JAX_PROCESS_ID=$JAX_PROCESS_ID NCCL_NVLS_ENABLE=0" \
+       "XLA_PYTHON_CLIENT_MEM_FRACTION=$XLA_PYTHON_CLIENT_MEM_FRACTION XLA_FLAGS=${XLA_FLAGS@Q}" \
+       "${cmd[*]@Q}"
   exit 0
 fi
 exec "${cmd[@]}"

@@ -30,15 +30,36 @@ def test_no_placeholders():
 
 def test_gpu_multinode_dry_run():
   [cmd] = _dry_run('gpu_multinode.sh', *_MAIN_ARGS, COORDINATOR='10.0.0.1:1234', NUM_NODES='2',
-                   NODE_RANK='1')
-  assert cmd == ['JAX_COORDINATOR_ADDRESS=10.0.0.1:1234', 'JAX_NUM_PROCESSES=2', 'JAX_PROCESS_ID=1',
-                 'NCCL_NVLS_ENABLE=0', 'python', '-m', 'gemma_sft_jax.main', *_MAIN_ARGS]
+                   NODE_RANK='1', XLA_FLAGS='--xla_dump_to=/tmp/d')
+  assert cmd[:4] == ['JAX_COORDINATOR_ADDRESS=10.0.0.1:1234', 'JAX_NUM_PROCESSES=2',
+                     'JAX_PROCESS_ID=1', 'NCCL_NVLS_ENABLE=0']
+  assert cmd[-5:] == ['python', '-m', 'gemma_sft_jax.main', *_MAIN_ARGS]
+  _assert_gpu_env(cmd, user_flag='--xla_dump_to=/tmp/d')
+
+
+def _assert_gpu_env(cmd, user_flag):
+  """gpu_env.sh's settings: the memory fraction, and the collective-overlap flags before the
+  user's own XLA_FLAGS (which come last, so they win)."""
+  fraction = os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.92')
+  assert f'XLA_PYTHON_CLIENT_MEM_FRACTION={fraction}' in cmd
+  [flags] = [c[len('XLA_FLAGS='):].split() for c in cmd if c.startswith('XLA_FLAGS=')]
+  assert '--xla_gpu_enable_latency_hiding_scheduler=true' in flags and flags[-1] == user_flag
 
 
 def test_gpu_slurm_dry_run():
-  [cmd] = _dry_run('gpu_slurm.sbatch', *_MAIN_ARGS)
+  [cmd] = _dry_run('gpu_slurm.sbatch', *_MAIN_ARGS, XLA_FLAGS='--xla_dump_to=/tmp/d')
   assert cmd[-6:] == ['--kill-on-bad-exit=1', 'python', '-m', 'gemma_sft_jax.main', *_MAIN_ARGS]
-  assert cmd[0] == 'NCCL_NVLS_ENABLE=0' and cmd[2] == 'srun'
+  assert cmd[0] == 'NCCL_NVLS_ENABLE=0' and cmd[3] == 'srun'
+  _assert_gpu_env(cmd, user_flag='--xla_dump_to=/tmp/d')
+
+
+def test_gpu_env_overlap_flags_are_the_benchmarked_ones():
+  """launch/gpu_env.sh sets exactly the flags benchmarks/variants.sh measured as OVERLAP."""
+  def flags(path, name):
+    text = open(os.path.join(ROOT, path)).read().replace('\\\n', ' ')
+    return set(re.search(name + r'="([^"]*)"', text).group(1).split())
+  overlap = flags('launch/gpu_env.sh', 'GEMMA_SFT_JAX_OVERLAP_FLAGS')
+  assert len(overlap) == 8 and overlap == flags('benchmarks/variants.sh', 'OVERLAP')
 
 
 def test_tpu_pod_dry_run():
