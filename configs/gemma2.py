@@ -22,7 +22,7 @@ def get_config(arg=None):
   # bf16 params with stochastically rounded updates, int8 Adam states: full SFT of 9B (batch
   # 8 x 512, remat 'full') peaks at 54.8 GiB on one GPU (BENCHMARKS.md).
   c.model.param_dtype = 'bfloat16'
-  # Measured on an H200 (BENCHMARKS.md): 'dots' is the fastest where it fits (2B full: 21 GiB;
+  # Measured on an H200 (BENCHMARKS.md): 'dots' is the fastest where it fits (2B full, int8 states: 21 GiB;
   # 9B LoRA: 48.6 GiB). 9B full with 'dots' needs 68.6 GiB; saving all projections but the two
   # widest (gate/up) keeps it at 59.4 GiB and runs 6% faster than 'full' (54.8 GiB).
   c.model.remat = {('2b', 'full'): 'dots', ('2b', 'lora'): 'dots', ('9b', 'lora'): 'dots',
@@ -31,9 +31,9 @@ def get_config(arg=None):
   # Logits of the chunked loss in bf16 (statistics in fp32): the head's backward matmuls take a
   # bf16 cotangent and run at bf16 speed (2B full SFT: 17,108 vs 15,448 tokens/s on an H200).
   c.model.logits_dtype = 'bfloat16'
-  # The loss's bf16 logits (2 GiB per 4096 tokens) kept for the backward pass instead of a third
-  # head matmul: 2-3% faster on an H200 (2B full, 9B LoRA, 9B full); 9B full SFT's peak memory
-  # did not move (BENCHMARKS.md).
+  # The loss's bf16 logits (2 GiB per 4096 tokens) kept for the backward pass instead of running
+  # the head's forward matmul again: 1-3% faster on an H200 (2B full, 9B LoRA, 9B full); 9B full
+  # SFT's peak memory did not move (BENCHMARKS.md).
   c.model.save_loss_logits = True
   # One scanned layer instead of 26-46 unrolled ones: build and compile time stop growing with depth.
   c.model.scan_layers = True
@@ -43,7 +43,8 @@ def get_config(arg=None):
   c.train.steps = 1000
   c.optim.warmup_steps = 50
   # int8 Adam states (bitsandbytes' 8-bit AdamW) where memory is what matters; 2B full SFT keeps
-  # fp32 states, as transformers' fused AdamW does: 12% faster than int8 on an H200, at 36 GiB.
+  # fp32 states, as transformers' fused AdamW does: 12% faster than int8 on an H200, peaking at
+  # 36 GiB instead of 21 (batch 8 x 512).
   c.optim.state_dtype = 'float32' if (args.size, args.method) == ('2b', 'full') else 'int8'
   if args.method == 'full':
     c.optim.lr, c.optim.min_lr = 1e-5, 1e-6

@@ -5,7 +5,8 @@ columns x 4 bytes = 2 GiB, and autodiff would keep them (and their cotangent) al
 pass. `chunked_cross_entropy` never forms them: it walks the vocabulary in chunks of `chunk_size`
 rows of the embedding, keeping per-token running statistics (online logsumexp), and its custom VJP
 recomputes each chunk's logits in the backward pass. Peak extra memory is a few [tokens, chunk]
-fp32 blocks instead of several [tokens, V] ones.
+fp32 blocks instead of several [tokens, V] ones. Where memory allows, `save_logits` keeps the
+chunks' matmul outputs ([tokens, V] in the logits dtype, e.g. bf16) for the backward pass instead.
 
 Both functions return sufficient statistics, `(loss_sum, weight_sum)`, not a mean: the train step
 divides the sum of `loss_sum` by the sum of `weight_sum` over every microbatch and process, so the
@@ -193,7 +194,7 @@ def chunked_cross_entropy(hidden: Array, embedding: Array, targets: Array, weigh
       forward logits may stay unrounded.)
     save_logits: keep every chunk's matmul output ([B·T, V] in `logits_dtype`: 2 GiB for 4096
       tokens of a 256k vocabulary in bf16) for the backward pass instead of recomputing it,
-      which saves one of the head's three matmuls. Same values either way.
+      so the head's forward matmul runs once per step, not twice. Same values either way.
 
   Returns:
     (loss_sum, weight_sum), fp32 scalars: the sum over tokens of weight · CE and the sum of
