@@ -83,8 +83,10 @@ def _forward_stats(hidden_ND, embedding_VD, targets_N, softcap, chunk_size, logi
                          logits_dtype)
     logits_NC = _capped(raw_NC, softcap)
     new_max_N = jnp.maximum(max_N, logits_NC.max(axis=-1))
+    # exp(-inf - finite) = 0 on the first chunk, so the -inf start needs no special case.
     sumexp_N = (sumexp_N * jnp.exp(max_N - new_max_N)
                 + jnp.exp(logits_NC - new_max_N[:, None]).sum(axis=-1))
+    # Exactly one chunk holds each target; a masked sum is a fused reduction, not a gather.
     target_N += jnp.where(_is_target(targets_N, start, width), logits_NC, 0.0).sum(axis=-1)
     if save_logits and width == chunk_size:
       saved = (jax.lax.dynamic_update_index_in_dim(saved[0], raw_NC, start // chunk_size, 0),
@@ -116,6 +118,8 @@ def _chunked_ce_fwd(hidden_ND, embedding_VD, targets_N, weights_N, softcap, chun
   lse_N, target_N, saved = _forward_stats(hidden_ND, embedding_VD, targets_N, softcap,
                                           chunk_size, logits_dtype, save_logits)
   ce_N = lse_N - target_N
+  # Residuals are the inputs plus two [N] vectors, and the chunks' logits where they are kept
+  # (else they are recomputed in the backward).
   residuals = (hidden_ND, embedding_VD, targets_N, weights_N, lse_N, ce_N, saved)
   return (jnp.sum(weights_N * ce_N), jnp.sum(weights_N)), residuals
 
@@ -135,15 +139,19 @@ def _chunked_ce_bwd(softcap, chunk_size, logits_dtype, save_logits, residuals, c
     else:
       raw_NC = saved[1]
     logits_NC = _capped(raw_NC, softcap)
+    # d CE / d logit = softmax - onehot(target), scaled by the token's weight.
     d_logits_NC = coef_N * (jnp.exp(logits_NC - lse_N[:, None])
                             - _is_target(targets_N, start, width).astype(jnp.float32))
     if softcap is not None:  # d/du cap·tanh(u/cap) = 1 - tanh² = 1 - (logit/cap)².
       d_logits_NC = d_logits_NC * (1.0 - jnp.square(logits_NC / softcap))
+    # The cotangent enters the two matmuls in `logits_dtype`: bf16 keeps them at bf16 speed,
+    # exactly as autodiff would through a matmul that emitted bf16.
     d_logits_NC = d_logits_NC.astype(logits_dtype)
     d_hidden_ND += jnp.einsum('NC,CD->ND', d_logits_NC, embedding_CD.astype(hidden_ND.dtype),
                               preferred_element_type=jnp.float32)
     d_embedding_CD = jnp.einsum('NC,ND->CD', d_logits_NC, hidden_ND,
                                 preferred_element_type=jnp.float32)
+    # Each vocabulary row belongs to exactly one chunk, so a write (in place in the loop) suffices.
     d_embedding_VD = jax.lax.dynamic_update_slice_in_dim(
         d_embedding_VD, d_embedding_CD.astype(embedding_VD.dtype), start, axis=0)
     return d_hidden_ND, d_embedding_VD
