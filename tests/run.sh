@@ -5,8 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
+# pip's byte-compilation of every installed file (torch, transformers, jax: tens of thousands) is
+# most of the install's time; Python compiles what the tests import on first use instead, and
+# keeps it for the suite's many subprocesses, so bytecode writing must be on.
+unset PYTHONDONTWRITEBYTECODE
 # torch 2.13.0 first: on the CPU machines that pin resolves to the local CPU build, so the
 # `torch>=2.5` of the test extra is already satisfied and no CUDA build is downloaded.
-python -m pip install -q torch==2.13.0
-python -m pip install -q -e '.[test]'
+python -m pip install -q --no-compile torch==2.13.0
+python -m pip install -q --no-compile -e '.[test]'
 python -m pytest -q -p no:cacheprovider "$@"
