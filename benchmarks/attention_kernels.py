@@ -6,8 +6,9 @@ r"""Attention alone, forward + backward: the model's einsum path against tokamax
 Random bf16 queries, keys and values shaped like one layer of each variant (two packed segments
 per row), the layer's softcap and query scaling. For each implementation: the median time of a
 jitted forward + backward (the cotangent is random), and its largest difference from the einsum
-path computed in fp32 (output and the three gradients), one JSON line each. tokamax is an optional
-dependency (`pip install -e '.[kernels]'`); an implementation that raises is reported as such.
+path computed in fp32 (output and the three gradients), one JSON line each. tokamax is not a
+dependency of the package (`pip install tokamax` to time its kernels; 0.0.17 needs jax >= 0.11.1);
+an implementation that raises, or is not installed, is reported as such.
 """
 
 import argparse
