@@ -13,13 +13,12 @@ an implementation that raises, or is not installed, is reported as such.
 
 import argparse
 import datetime
-import json
-import statistics
-import time
 
 from absl import flags
 import jax
 import jax.numpy as jnp
+
+from gemma_sft_jax.training import metrics
 
 
 def _inputs(c, batch: int, seq: int, key):
@@ -58,18 +57,14 @@ def _tokamax_fn(c, positions, segment_ids, impl):
   return fn
 
 
-def _time(fn, args, cot, steps: int) -> float:
+def _time(fn, args, cot, steps: int):
+  """(median seconds of a jitted forward + backward, its (output, gradients))."""
   def loss_grads(*a):
     out, vjp = jax.vjp(fn, *a)
     return out, vjp(cot.astype(out.dtype))
   step = jax.jit(loss_grads)
-  jax.block_until_ready(step(*args))
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(step(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times), step(*args)
+  seconds = metrics.median_seconds(lambda: jax.block_until_ready(step(*args)), steps)
+  return seconds, step(*args)
 
 
 def main() -> None:
@@ -105,10 +100,7 @@ def main() -> None:
                    ref_max_abs_grads=[float(jnp.max(jnp.abs(b))) for b in ref[1]])
       except Exception as e:  # pylint: disable=broad-except
         row['error'] = f'{type(e).__name__}: {str(e)[:400]}'
-      print(json.dumps(row), flush=True)
-      if args.output:
-        with open(args.output, 'a') as f:
-          f.write(json.dumps(row) + '\n')
+      metrics.emit_json_line(row, args.output)
 
 
 if __name__ == '__main__':

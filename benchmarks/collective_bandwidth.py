@@ -11,23 +11,12 @@ log says which transport links the GPUs (P2P/IPC, NVLS, SHM).
 
 import argparse
 import datetime
-import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-
-def _median_s(fn, x, steps=10):
-  jax.block_until_ready(fn(x))
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(x))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+from gemma_sft_jax.training import metrics
 
 
 def main() -> None:
@@ -45,16 +34,13 @@ def main() -> None:
   size = per_device * 2
   for name, fn, alg_bytes, bus in (('all_gather', gather, size * (n - 1), 1.0),
                                    ('all_reduce', psum, size, 2 * (n - 1) / n)):
-    s = _median_s(fn, x)
+    s = metrics.median_seconds(lambda fn=fn: jax.block_until_ready(fn(x)), 10)
     row = {'bench': 'collective_bandwidth', 'collective': name, 'n_devices': n,
            'mib_per_device': args.mib, 'seconds': s, 'algbw_gb_s': alg_bytes / s / 1e9,
            'busbw_gb_s': (size * bus if name == 'all_reduce' else alg_bytes) / s / 1e9,
            'device': jax.devices()[0].device_kind,
            'date': datetime.date.today().isoformat(), 'jax': jax.__version__}
-    print(json.dumps(row), flush=True)
-    if args.output:
-      with open(args.output, 'a') as f:
-        f.write(json.dumps(row) + '\n')
+    metrics.emit_json_line(row, args.output)
 
 
 if __name__ == '__main__':

@@ -50,17 +50,6 @@ def _define_flags():
   return holders
 
 
-def _median_seconds(fn, steps: int) -> float:
-  """Median wall time of fn() (which must block) over `steps` calls after one warm-up call."""
-  fn()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def _memory(compiled) -> dict:
   m = compiled.memory_analysis()
   if m is None:
@@ -75,7 +64,7 @@ def _breakdown(parts, state, batch, steps: int) -> dict:
   """Seconds of forward+backward alone and of the optimizer update alone (random gradients)."""
   grad = jax.jit(lambda p, f, b: parts.grad_fn(p, f, b, jax.random.key(0)))
   out = {}
-  out['grad_s'] = _median_seconds(
+  out['grad_s'] = metrics_lib.median_seconds(
       lambda: jax.block_until_ready(grad(state['params'], parts.frozen, batch)), steps)
   # Gradients of the params' own dtype and scale, drawn on the devices, never zeros.
   grads = jax.jit(lambda p: jax.tree.map(
@@ -90,7 +79,7 @@ def _breakdown(parts, state, batch, steps: int) -> dict:
     params, opt_state, norm = update(params, grads, opt_state)
     jax.block_until_ready(norm)
 
-  out['update_s'] = _median_seconds(run, steps)
+  out['update_s'] = metrics_lib.median_seconds(run, steps)
   out['update_memory'] = _memory(update.lower(params, grads, opt_state).compile())
   return out
 

@@ -21,6 +21,8 @@ import json
 import math
 import netrc
 import os
+import statistics
+import time
 import urllib.parse
 import uuid
 from typing import Any, Mapping
@@ -118,6 +120,17 @@ class CompileTimer:
 
   def __exit__(self, *exc) -> None:
     jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def median_seconds(fn, steps: int) -> float:
+  """Median wall time of fn() (which must block) over `steps` calls after one warm-up call."""
+  fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
 
 
 def emit_json_line(result: Mapping[str, Any], output: str | None) -> None:
