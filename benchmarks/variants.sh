@@ -61,6 +61,20 @@ declare -A V=(
   [2b_full_overlap]="$G2B $B8"
   [9b_lora_overlap]="$L9B $B8"
   [9b_full_overlap]="$F9B $B8"
+  # cuBLAS's legacy gemm instead of cuBLASLt, alone and with XLA's dynamic-slice fusion (which
+  # only takes legacy gemms): a scanned layer's weight slice read in place instead of copied.
+  [2b_full_legacy_gemm]="$G2B $B8"
+  [2b_full_legacy_slice_fusion]="$G2B $B8"
+  [9b_lora_legacy_gemm]="$L9B $B8"
+  [9b_lora_legacy_slice_fusion]="$L9B $B8"
+  # Scanned layers' weight slices copied by memcpy (XLA's default) or by a kernel
+  # (model.slice_kernel, 'auto' = on for GPUs).
+  [2b_full_slice_memcpy]="$G2B $B8 --config.model.slice_kernel=off"
+  [2b_full_slice_kernel]="$G2B $B8 --config.model.slice_kernel=on --breakdown"
+  [9b_lora_slice_memcpy]="$L9B $B8 --config.model.slice_kernel=off"
+  [9b_lora_slice_kernel]="$L9B $B8 --config.model.slice_kernel=on"
+  [9b_full_slice_memcpy]="$F9B $B8 --config.model.slice_kernel=off"
+  [9b_full_slice_kernel]="$F9B $B8 --config.model.slice_kernel=on --breakdown"
 )
 # Environment of a variant.
 declare -A ENVS=(
@@ -76,6 +90,10 @@ declare -A FLAGS=(
   [9b_lora_overlap]="$OVERLAP"
   [9b_full_overlap]="$OVERLAP"
   [9b_lora_slice_fusion]="--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_while_loop_double_buffering=true"
+  [2b_full_legacy_gemm]="--xla_gpu_enable_cublaslt=false"
+  [2b_full_legacy_slice_fusion]="--xla_gpu_enable_cublaslt=false --xla_gpu_enable_dynamic_slice_fusion=true"
+  [9b_lora_legacy_gemm]="--xla_gpu_enable_cublaslt=false"
+  [9b_lora_legacy_slice_fusion]="--xla_gpu_enable_cublaslt=false --xla_gpu_enable_dynamic_slice_fusion=true"
 )
 for name in "$@"; do
   echo "== $name" >&2
