@@ -67,14 +67,6 @@ declare -A V=(
   [2b_full_legacy_slice_fusion]="$G2B $B8"
   [9b_lora_legacy_gemm]="$L9B $B8"
   [9b_lora_legacy_slice_fusion]="$L9B $B8"
-  # Scanned layers' weight slices copied by memcpy (XLA's default) or by a kernel
-  # (model.slice_kernel, 'auto' = on for GPUs).
-  [2b_full_slice_memcpy]="$G2B $B8 --config.model.slice_kernel=off"
-  [2b_full_slice_kernel]="$G2B $B8 --config.model.slice_kernel=on --breakdown"
-  [9b_lora_slice_memcpy]="$L9B $B8 --config.model.slice_kernel=off"
-  [9b_lora_slice_kernel]="$L9B $B8 --config.model.slice_kernel=on"
-  [9b_full_slice_memcpy]="$F9B $B8 --config.model.slice_kernel=off"
-  [9b_full_slice_kernel]="$F9B $B8 --config.model.slice_kernel=on --breakdown"
 )
 # Environment of a variant.
 declare -A ENVS=(

@@ -15,7 +15,6 @@ Fields (the contract the README documents):
   model.remat         activation rematerialisation, 'none' | 'full' | 'dots' | 'save:PROJ,...'
   model.scan_layers   one nn.scan over the layers (stacked params; compile time independent of depth)
   model.save_loss_logits  keep the loss's logits for the backward pass instead of recomputing them
-  model.slice_kernel  scanned layers' weight slices copied by a kernel: 'auto' (GPUs) | 'on' | 'off'
   tuning_method       'full' | 'lora'
   lora.*              rank, alpha, dropout, targets (regex over parameter paths), base_sharding
   data.*              source (local dir, default the bundled GSM8K; or a hub id), subset, ...
@@ -54,9 +53,6 @@ def base_config() -> ml_collections.ConfigDict:
   # Keep the loss's [tokens, vocab] logits (in logits_dtype) for the backward pass instead of
   # recomputing them: one matmul of the head fewer, for tokens x vocab x 2-4 bytes of memory.
   c.model.save_loss_logits = False
-  # Scanned layers: copy each layer's weight slices with an elementwise kernel rather than the
-  # device-to-device memcpy XLA uses on GPUs ('auto': on GPUs only; 'on' | 'off').
-  c.model.slice_kernel = 'auto'
 
   c.tuning_method = 'full'
 

@@ -144,8 +144,6 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ValueError(str(e)) from None
   m = c.model
-  if m.slice_kernel not in ('auto', 'on', 'off'):
-    raise _bad('model.slice_kernel', m.slice_kernel, "one of 'auto', 'on', 'off'")
   if not m.checkpoint and m.variant not in architecture.VARIANTS:
     raise _bad('model.variant', m.variant, 'one of ' + ', '.join(architecture.VARIANTS))
   if not m.checkpoint and not m.tokenizer:

@@ -69,21 +69,6 @@ class RMSNorm(nn.Module):
     return rms_norm(x, scale, self.eps)
 
 
-@jax.custom_vjp
-def copied_by_kernel(w: Array) -> Array:
-  """w, unchanged, as the output of an elementwise kernel (w times a 1 XLA cannot see through).
-
-  A scanned layer's weights are slices of the stacked [L, ...] parameters. On GPUs XLA copies a
-  slice that feeds a cuBLAS matmul with a device-to-device memcpy (DynamicMemcpyThunk), which
-  moves ~1.4-2 TB/s on an H200; the same copy as a fusion kernel runs near the memory's
-  bandwidth (BENCHMARKS.md, "Weight slices"). The gradient passes through untouched.
-  """
-  return w * jax.lax.optimization_barrier(jnp.ones((), w.dtype))
-
-
-copied_by_kernel.defvjp(lambda w: (copied_by_kernel(w), None), lambda _, g: (g,))
-
-
 class Projection(nn.Module):
   """A bias-free einsum projection, with an optional LoRA adapter beside its kernel.
 
@@ -98,15 +83,12 @@ class Projection(nn.Module):
   lora_rank: int = 0
   lora_alpha: float = 1.0
   lora_dropout: float = 0.0
-  slice_kernel: bool = False  # The kernel is a scanned layer's slice: copy it with a kernel.
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     fan_in = math.prod(self.shape[:self.in_dims])
     init = nn.initializers.normal(stddev=fan_in ** -0.5)
     kernel = self.param('kernel', init, self.shape, self.param_dtype)
-    if self.slice_kernel:
-      kernel = copied_by_kernel(kernel)
     y = jnp.einsum(self.equation, x, kernel.astype(self.dtype))
     if not self.lora_rank:
       return checkpoint_name(y, self.name)
@@ -127,7 +109,7 @@ def _projection(module: nn.Module, name: str, equation: str, shape: tuple[int, .
   """Projection `name` of an Attention or MLP `module`, with the LoRA rank its `lora` gives."""
   return Projection(equation, shape, in_dims, module.dtype, module.param_dtype,
                     module.lora.get(name, 0), module.lora_spec.alpha, module.lora_spec.dropout,
-                    module.slice_kernel, name=name)
+                    name=name)
 
 
 class Attention(nn.Module):
@@ -137,7 +119,6 @@ class Attention(nn.Module):
   param_dtype: Any
   lora: dict[str, int]  # projection name -> LoRA rank (0 = none)
   lora_spec: LoraSpec
-  slice_kernel: bool = False  # Projection.slice_kernel
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array,
@@ -198,7 +179,6 @@ class MLP(nn.Module):
   param_dtype: Any
   lora: dict[str, int]
   lora_spec: LoraSpec
-  slice_kernel: bool = False  # Projection.slice_kernel
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -228,7 +208,6 @@ class Block(nn.Module):
   mlp_lora: dict[str, int]
   lora_spec: LoraSpec
   out_sharding: Any = None  # Sharding constraint for the block's output (see Transformer).
-  slice_kernel: bool = False  # Projection.slice_kernel
 
   @nn.compact
   def __call__(self, carry, per_layer, positions, segment_ids, deterministic):
@@ -240,12 +219,11 @@ class Block(nn.Module):
     c, pd = self.config, self.param_dtype
     h = RMSNorm(c.rms_norm_eps, pd, name='pre_attention_norm')(x)
     h, new_cache = Attention(c, self.layer_type, self.dtype, pd, self.attn_lora, self.lora_spec,
-                             self.slice_kernel, name='attn')(h, positions, segment_ids, cache,
+                             name='attn')(h, positions, segment_ids, cache,
                                           deterministic, local, shared)
     x = x + RMSNorm(c.rms_norm_eps, pd, name='post_attention_norm')(h)
     h = RMSNorm(c.rms_norm_eps, pd, name='pre_ffw_norm')(x)
-    h = MLP(c, self.dtype, pd, self.mlp_lora, self.lora_spec, self.slice_kernel,
-            name='mlp')(h, deterministic)
+    h = MLP(c, self.dtype, pd, self.mlp_lora, self.lora_spec, name='mlp')(h, deterministic)
     x = x + RMSNorm(c.rms_norm_eps, pd, name='post_ffw_norm')(h)
     if self.out_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, self.out_sharding)
@@ -295,9 +273,6 @@ class Transformer(nn.Module):
   # a leading [L] axis, and the compiled program holds one layer, not L (compile time and
   # program size stop growing with depth). Sliding/global attention becomes per-layer data.
   scan_layers: bool = False
-  # Scanned layers only: copy each layer's weight slices with a kernel instead of a memcpy
-  # (`copied_by_kernel`; model.slice_kernel, on for GPUs by default).
-  slice_kernel: bool = False
 
   def _constrain(self, x: Array) -> Array:
     if self.activation_sharding is None:
@@ -334,7 +309,7 @@ class Transformer(nn.Module):
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=c.num_layers)
       self.layers = scanned(c, None, self.dtype, self.param_dtype, *per_layer[0], self.lora,
-                            self.activation_sharding, self.slice_kernel, name='layers')
+                            self.activation_sharding, name='layers')
     else:
       self.layers = [block(c, layer_type, self.dtype, self.param_dtype, *ranks(i), self.lora,
                            self.activation_sharding, name=f'layer_{i}')

@@ -58,14 +58,6 @@ def check_vocabulary(n_tokens: int, vocab_size: int, *, tokenizer: str, checkpoi
                      "to use the checkpoint's own)")
 
 
-def slice_kernel(mode: str, scan_layers: bool) -> bool:
-  """Whether scanned layers copy their weight slices with a kernel (config model.slice_kernel:
-  'auto' does on GPUs, where XLA would use a slower memcpy)."""
-  if mode not in ('auto', 'on', 'off'):
-    raise ValueError(f"model.slice_kernel: {mode!r} is not one of 'auto', 'on', 'off'")
-  return scan_layers and (mode == 'on' or (mode == 'auto' and jax.default_backend() == 'gpu'))
-
-
 def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
                 mesh: jax.sharding.Mesh | None = None) -> Setup:
   """The Transformer a run config describes (LoRA leaves only when `with_lora`)."""
@@ -91,7 +83,7 @@ def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
   model = model_lib.Transformer(
       model_config, dtype=dtype_of(c.dtype, 'model.dtype'),
       param_dtype=dtype_of(c.param_dtype, 'model.param_dtype'), lora=spec, remat=c.remat,
-      scan_layers=c.scan_layers, slice_kernel=slice_kernel(c.slice_kernel, c.scan_layers),
+      scan_layers=c.scan_layers,
       activation_sharding=sharding.activation_sharding(mesh) if mesh is not None else None)
   return Setup(model, model_config, tokenizer, checkpoint)
 
