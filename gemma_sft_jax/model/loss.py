@@ -149,11 +149,14 @@ def _chunked_ce_bwd(softcap, chunk_size, logits_dtype, save_logits, residuals, c
     d_logits_NC = d_logits_NC.astype(logits_dtype)
     d_hidden_ND += jnp.einsum('NC,CD->ND', d_logits_NC, embedding_CD.astype(hidden_ND.dtype),
                               preferred_element_type=jnp.float32)
+    # The chunk's embedding gradient leaves the matmul in the embedding's dtype (accumulated in
+    # fp32 inside it): with tokens split over devices, the sum across them (a reduce-scatter per
+    # chunk under fsdp) then moves bf16, not fp32, for a bf16 embedding.
     d_embedding_CD = jnp.einsum('NC,ND->CD', d_logits_NC, hidden_ND,
-                                preferred_element_type=jnp.float32)
+                                preferred_element_type=embedding_VD.dtype)
     # Each vocabulary row belongs to exactly one chunk, so a write (in place in the loop) suffices.
-    d_embedding_VD = jax.lax.dynamic_update_slice_in_dim(
-        d_embedding_VD, d_embedding_CD.astype(embedding_VD.dtype), start, axis=0)
+    d_embedding_VD = jax.lax.dynamic_update_slice_in_dim(d_embedding_VD, d_embedding_CD, start,
+                                                         axis=0)
     return d_hidden_ND, d_embedding_VD
 
   init = (jnp.zeros(hidden_ND.shape, jnp.float32), jnp.zeros_like(embedding_VD))
