@@ -46,7 +46,7 @@ def matmul_params(config: architecture.ModelConfig) -> int:
 
 
 def make_grad_fn(*, model: model_lib.Transformer, logits_dtype: Any = jnp.float32,
-                 save_logits: bool = False, head_sharding: Any = None) -> Callable[..., Any]:
+                 save_logits: bool = False) -> Callable[..., Any]:
   """grad_fn(trainable, frozen, batch, rng) -> ((loss_sum, weight_sum), gradient sums)."""
   softcap = model.config.final_logit_softcap
 
@@ -55,11 +55,8 @@ def make_grad_fn(*, model: model_lib.Transformer, logits_dtype: Any = jnp.float3
     hidden, _ = model.apply({'params': params}, micro['inputs'], micro['positions'],
                             micro['segment_ids'], deterministic=False, return_hidden=True,
                             rngs={'dropout': rng})
-    embedding = params['embedder']['embedding']
-    if head_sharding is not None:  # The head gathered once for the loss's two loops.
-      embedding = jax.lax.with_sharding_constraint(embedding, head_sharding)
     return loss_lib.chunked_cross_entropy(
-        hidden, embedding, micro['targets'], micro['weights'],
+        hidden, params['embedder']['embedding'], micro['targets'], micro['weights'],
         softcap=softcap, logits_dtype=logits_dtype, save_logits=save_logits)
 
   return jax.value_and_grad(loss_sums, has_aux=True)
@@ -160,10 +157,7 @@ def build(config: ml_collections.ConfigDict, setup: models.Setup, mesh: jax.shar
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   grad_fn = make_grad_fn(model=setup.model,
                          logits_dtype=models.dtype_of(config.model.logits_dtype, 'model.logits_dtype'),
-                         save_logits=config.model.save_loss_logits,
-                         head_sharding=None if mesh.shape['fsdp'] == 1 else sharding.without_axis(
-                             lora.join(frozen_shardings, trainable_shardings)['embedder']['embedding'],
-                             'fsdp'))
+                         save_logits=config.model.save_loss_logits)
   step_fn = jax.jit(
       make_train_step(grad_fn=grad_fn, update=update, grad_accum=o.grad_accum),
       in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
