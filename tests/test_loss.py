@@ -210,18 +210,23 @@ def test_bf16_logits_close_to_fp32():
   np.testing.assert_allclose(value16, naive16, rtol=1e-5)
 
 
-def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
-  """Operand dtypes of every dot_general in a jaxpr, its loops and calls included."""
+def _dots(jaxpr) -> list:
+  """Every dot_general equation of a jaxpr, its loops and calls included."""
   found = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'dot_general':
-      found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+      found.append(eqn)
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
         inner = getattr(sub, 'jaxpr', sub)
         if hasattr(inner, 'eqns'):
-          found += _dot_operand_dtypes(inner)
+          found += _dots(inner)
   return found
+
+
+def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
+  """Operand dtypes of every dot_general in a jaxpr."""
+  return [tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in _dots(jaxpr)]
 
 
 @pytest.mark.parametrize('logits_dtype, want', [(jnp.bfloat16, {('bfloat16', 'bfloat16')}),
@@ -244,6 +249,29 @@ def test_backward_matmuls_take_bf16_cotangents(logits_dtype, want):
   assert set(dots) <= want
   if logits_dtype == jnp.float32:
     assert any('float32' in d for d in dots)
+
+
+def _dot_outputs(jaxpr) -> list[tuple[tuple[int, ...], str]]:
+  """(shape, dtype) of every dot_general's output in a jaxpr."""
+  return [(tuple(eqn.outvars[0].aval.shape), str(eqn.outvars[0].aval.dtype))
+          for eqn in _dots(jaxpr)]
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+def test_embedding_gradient_leaves_its_matmul_in_the_embedding_dtype(dtype):
+  """Each chunk's embedding gradient [C, D] comes out of its matmul in the embedding's dtype, so
+  under fsdp (tokens split over devices) its sum across devices moves bf16 for a bf16 model."""
+  hidden, embedding, targets, weights = _inputs(dtype=dtype)
+
+  def mean_loss(e):
+    loss_sum, weight_sum = loss.chunked_cross_entropy(hidden, e, targets, weights, chunk_size=50,
+                                                      logits_dtype=jnp.bfloat16)
+    return loss_sum / weight_sum
+
+  outputs = _dot_outputs(jax.make_jaxpr(jax.grad(mean_loss))(embedding).jaxpr)
+  d_embedding = [o for o in outputs if o[0] in ((50, D), (V % 50, D))]
+  assert sorted(o[0][0] for o in d_embedding) == [V % 50, 50]  # The loop's chunk and the rest.
+  assert {o[1] for o in d_embedding} == {jnp.dtype(dtype).name}
 
 
 def test_shape_errors_name_the_shapes():
