@@ -126,7 +126,6 @@ def _bench(config, steps, output, breakdown, tag, profile):
       'state_dtype': config.optim.state_dtype, 'remat': config.model.remat,
       'scan_layers': config.model.scan_layers, 'logits_dtype': config.model.logits_dtype,
       'save_loss_logits': config.model.save_loss_logits,
-      'save_gathered_kernels': config.model.save_gathered_kernels,
       'stochastic_rounding': config.optim.stochastic_rounding,
       'trainable_params': parts.n_trainable, 'total_params': parts.n_total,
       'step_s_median': step_s, 'first_step_s': times[0], 'compile_s': compile_s,

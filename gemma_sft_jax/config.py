@@ -15,7 +15,6 @@ Fields (the contract the README documents):
   model.remat         activation rematerialisation, 'none' | 'full' | 'dots' | 'save:PROJ,...'
   model.scan_layers   one nn.scan over the layers (stacked params; compile time independent of depth)
   model.save_loss_logits  keep the loss's logits for the backward pass instead of recomputing them
-  model.save_gathered_kernels  under fsdp, keep the gathered kernels for the backward pass
   tuning_method       'full' | 'lora'
   lora.*              rank, alpha, dropout, targets (regex over parameter paths), base_sharding
   data.*              source (local dir, default the bundled GSM8K; or a hub id), subset, ...
@@ -54,10 +53,6 @@ def base_config() -> ml_collections.ConfigDict:
   # Keep the loss's [tokens, vocab] logits (in logits_dtype) for the backward pass instead of
   # recomputing them: one matmul of the head fewer, for tokens x vocab x 2-4 bytes of memory.
   c.model.save_loss_logits = False
-  # Under fsdp, keep each layer's kernels as gathered in the forward pass for the backward pass
-  # instead of gathering them again: a third less communication, for a gathered copy of every
-  # kernel per device (2 bytes per bf16 parameter).
-  c.model.save_gathered_kernels = False
 
   c.tuning_method = 'full'
 

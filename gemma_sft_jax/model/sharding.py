@@ -128,26 +128,6 @@ def base_replicated(mode: str, base_shapes: Any, mesh: Mesh) -> bool:
   return nbytes <= REPLICATED_BASE_MEMORY_FRACTION * limit
 
 
-def gathered_kernels(config: Any, mesh: Mesh) -> tuple[tuple[str, NamedSharding], ...]:
-  """(projection, its kernel's sharding less the 'fsdp' axis) for the seven projections of a
-  layer of `config` (an architecture.ModelConfig): what a kernel split over fsdp becomes once
-  gathered for its matmul. Empty where the mesh has no fsdp split."""
-  if mesh.shape['fsdp'] == 1:
-    return ()
-  c = config
-  shapes = {'attn/q_proj': (c.embed_dim, c.num_heads, c.head_dim),
-            'attn/k_proj': (c.embed_dim, c.num_kv_heads, c.head_dim),
-            'attn/v_proj': (c.embed_dim, c.num_kv_heads, c.head_dim),
-            'attn/o_proj': (c.num_heads, c.head_dim, c.embed_dim),
-            'mlp/gate_proj': (c.embed_dim, c.hidden_dim),
-            'mlp/up_proj': (c.embed_dim, c.hidden_dim),
-            'mlp/down_proj': (c.hidden_dim, c.embed_dim)}
-  return tuple(
-      (path.split('/')[1],
-       without_axis(NamedSharding(mesh, spec_for(f'layer_0/{path}/kernel', shape, mesh)), 'fsdp'))
-      for path, shape in shapes.items())
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Rows of a [B, ...] batch split over the data-parallel axes."""
   return NamedSharding(mesh, P(BATCH))

@@ -83,19 +83,12 @@ class Projection(nn.Module):
   lora_rank: int = 0
   lora_alpha: float = 1.0
   lora_dropout: float = 0.0
-  # The kernel's sharding once gathered along fsdp (Transformer.gathered_kernels), or None.
-  gathered: Any = None
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     fan_in = math.prod(self.shape[:self.in_dims])
     init = nn.initializers.normal(stddev=fan_in ** -0.5)
     kernel = self.param('kernel', init, self.shape, self.param_dtype)
-    if self.gathered is not None:
-      # Gathered here, under a name the remat policy saves: the backward pass reads the gathered
-      # kernel instead of gathering it again.
-      kernel = checkpoint_name(jax.lax.with_sharding_constraint(kernel, self.gathered),
-                               GATHERED_KERNEL)
     y = jnp.einsum(self.equation, x, kernel.astype(self.dtype))
     if not self.lora_rank:
       return checkpoint_name(y, self.name)
@@ -116,7 +109,7 @@ def _projection(module: nn.Module, name: str, equation: str, shape: tuple[int, .
   """Projection `name` of an Attention or MLP `module`, with the LoRA rank its `lora` gives."""
   return Projection(equation, shape, in_dims, module.dtype, module.param_dtype,
                     module.lora.get(name, 0), module.lora_spec.alpha, module.lora_spec.dropout,
-                    dict(module.gathered).get(name), name=name)
+                    name=name)
 
 
 class Attention(nn.Module):
@@ -126,7 +119,6 @@ class Attention(nn.Module):
   param_dtype: Any
   lora: dict[str, int]  # projection name -> LoRA rank (0 = none)
   lora_spec: LoraSpec
-  gathered: tuple[tuple[str, Any], ...] = ()  # Transformer.gathered_kernels
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array,
@@ -187,7 +179,6 @@ class MLP(nn.Module):
   param_dtype: Any
   lora: dict[str, int]
   lora_spec: LoraSpec
-  gathered: tuple[tuple[str, Any], ...] = ()  # Transformer.gathered_kernels
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -217,7 +208,6 @@ class Block(nn.Module):
   mlp_lora: dict[str, int]
   lora_spec: LoraSpec
   out_sharding: Any = None  # Sharding constraint for the block's output (see Transformer).
-  gathered: tuple[tuple[str, Any], ...] = ()  # Transformer.gathered_kernels
 
   @nn.compact
   def __call__(self, carry, per_layer, positions, segment_ids, deterministic):
@@ -229,12 +219,11 @@ class Block(nn.Module):
     c, pd = self.config, self.param_dtype
     h = RMSNorm(c.rms_norm_eps, pd, name='pre_attention_norm')(x)
     h, new_cache = Attention(c, self.layer_type, self.dtype, pd, self.attn_lora, self.lora_spec,
-                             self.gathered, name='attn')(h, positions, segment_ids, cache,
+                             name='attn')(h, positions, segment_ids, cache,
                                           deterministic, local, shared)
     x = x + RMSNorm(c.rms_norm_eps, pd, name='post_attention_norm')(h)
     h = RMSNorm(c.rms_norm_eps, pd, name='pre_ffw_norm')(x)
-    h = MLP(c, self.dtype, pd, self.mlp_lora, self.lora_spec, self.gathered,
-            name='mlp')(h, deterministic)
+    h = MLP(c, self.dtype, pd, self.mlp_lora, self.lora_spec, name='mlp')(h, deterministic)
     x = x + RMSNorm(c.rms_norm_eps, pd, name='post_ffw_norm')(h)
     if self.out_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, self.out_sharding)
@@ -248,16 +237,14 @@ _REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
-GATHERED_KERNEL = 'gathered_kernel'  # The checkpoint name of a kernel gathered along fsdp.
 
 
-def remat_policy(remat: str, save_gathered: bool = False) -> Any:
+def remat_policy(remat: str) -> Any:
   """The jax.checkpoint policy of `model.remat` ('none' is no remat at all: not asked here).
 
   'full' saves only each layer's input, 'dots' every projection's output, and
   'save:NAME,...' the outputs of the named projections (PROJECTIONS), e.g. all but the two
   widest, 'save:q_proj,k_proj,v_proj,o_proj,down_proj', to trade compute for memory in between.
-  `save_gathered` also saves the kernels gathered along fsdp (Transformer.gathered_kernels).
   """
   if remat.startswith('save:'):
     names = tuple(n for n in remat[len('save:'):].split(',') if n)
@@ -265,16 +252,10 @@ def remat_policy(remat: str, save_gathered: bool = False) -> Any:
     if not names or unknown:
       raise ValueError(f'model.remat: {remat!r} names {unknown or "nothing"}; the projections are '
                        f'{", ".join(PROJECTIONS)}')
-    policy = jax.checkpoint_policies.save_only_these_names(*names)
-  elif remat in _REMAT_POLICIES:
-    policy = _REMAT_POLICIES[remat]
-  else:
+    return jax.checkpoint_policies.save_only_these_names(*names)
+  if remat not in _REMAT_POLICIES:
     raise ValueError(f"model.remat: {remat!r} is not one of 'none', 'full', 'dots', 'save:...'")
-  if not save_gathered:
-    return policy
-  gathered = jax.checkpoint_policies.save_only_these_names(GATHERED_KERNEL)
-  return gathered if policy is None else jax.checkpoint_policies.save_from_both_policies(
-      policy, gathered)
+  return _REMAT_POLICIES[remat]
 
 
 class Transformer(nn.Module):
@@ -292,11 +273,6 @@ class Transformer(nn.Module):
   # a leading [L] axis, and the compiled program holds one layer, not L (compile time and
   # program size stop growing with depth). Sliding/global attention becomes per-layer data.
   scan_layers: bool = False
-  # (projection name, its kernel's sharding gathered along fsdp) pairs, or (): with them, each
-  # layer gathers its kernels under a name the remat policy saves, so the backward pass does not
-  # gather them again (more memory: the whole model's kernels, per device; models.py builds them
-  # from model.save_gathered_kernels).
-  gathered_kernels: tuple[tuple[str, Any], ...] = ()
 
   def _constrain(self, x: Array) -> Array:
     if self.activation_sharding is None:
@@ -313,8 +289,7 @@ class Transformer(nn.Module):
     if self.remat != 'none':
       # Under nn.scan the loop already keeps XLA from merging the recomputation back into the
       # forward pass, so the CSE barriers jax.checkpoint adds by default are not needed there.
-      block = nn.remat(Block, policy=remat_policy(self.remat, bool(self.gathered_kernels)),
-                       static_argnums=(5,),
+      block = nn.remat(Block, policy=remat_policy(self.remat), static_argnums=(5,),
                        prevent_cse=not self.scan_layers)
 
     def ranks(i):
@@ -334,10 +309,10 @@ class Transformer(nn.Module):
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=c.num_layers)
       self.layers = scanned(c, None, self.dtype, self.param_dtype, *per_layer[0], self.lora,
-                            self.activation_sharding, self.gathered_kernels, name='layers')
+                            self.activation_sharding, name='layers')
     else:
       self.layers = [block(c, layer_type, self.dtype, self.param_dtype, *ranks(i), self.lora,
-                           self.activation_sharding, self.gathered_kernels, name=f'layer_{i}')
+                           self.activation_sharding, name=f'layer_{i}')
                      for i, layer_type in enumerate(c.layer_types)]
     self.final_norm = RMSNorm(c.rms_norm_eps, self.param_dtype, name='final_norm')
 

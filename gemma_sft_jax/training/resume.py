@@ -44,7 +44,6 @@ SAFE_TO_CHANGE = (
     'lora.base_sharding',  # Where the frozen base lies; it is never checkpointed.
     'model.remat',      # Memory for speed; the same maths.
     'model.save_loss_logits',  # Likewise.
-    'model.save_gathered_kernels',  # Likewise.
     'optim.grad_accum',  # Microbatching; the same global batch and normalisation.
     'data.source',      # Where the same data lives (a local copy or the hub).
     'data.test_split',  # Only evaluations read it.

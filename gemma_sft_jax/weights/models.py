@@ -84,8 +84,6 @@ def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
       model_config, dtype=dtype_of(c.dtype, 'model.dtype'),
       param_dtype=dtype_of(c.param_dtype, 'model.param_dtype'), lora=spec, remat=c.remat,
       scan_layers=c.scan_layers,
-      gathered_kernels=(sharding.gathered_kernels(model_config, mesh)
-                        if c.save_gathered_kernels and mesh is not None else ()),
       activation_sharding=sharding.activation_sharding(mesh) if mesh is not None else None)
   return Setup(model, model_config, tokenizer, checkpoint)
 
