@@ -18,6 +18,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import attention
 from gemma_sft_jax.training import metrics
 
 
@@ -37,8 +39,6 @@ def _inputs(c, batch: int, seq: int, key):
 
 
 def _einsum_fn(c, positions, segment_ids, dtype):
-  from gemma_sft_jax.model import attention  # pylint: disable=g-import-not-at-top
-
   def fn(q, keys, vals):
     return attention.attend(c, q, jnp.swapaxes(keys, 1, 2), jnp.swapaxes(vals, 1, 2), positions,
                             segment_ids, positions, segment_ids, False, None, dtype=dtype)
@@ -46,8 +46,7 @@ def _einsum_fn(c, positions, segment_ids, dtype):
 
 
 def _tokamax_fn(c, positions, segment_ids, impl):
-  import tokamax  # pylint: disable=g-import-not-at-top
-  from gemma_sft_jax.model import attention  # pylint: disable=g-import-not-at-top
+  import tokamax  # pylint: disable=g-import-not-at-top  (optional: not a dependency)
   mask = attention.attention_mask(positions, segment_ids, positions, segment_ids, None)
 
   def fn(q, keys, vals):
@@ -77,7 +76,6 @@ def main() -> None:
   p.add_argument('--output')
   args = p.parse_args()
   flags.FLAGS.mark_as_parsed()  # tokamax reads absl flags; this script's are argparse's.
-  from gemma_sft_jax.model import architecture  # pylint: disable=g-import-not-at-top
   for name in args.variants.split(','):
     c = architecture.VARIANTS[name]
     q, keys, vals, cot, positions, segment_ids = _inputs(c, args.batch, args.seq,

@@ -32,12 +32,13 @@ def main() -> None:
   psum = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, 'x'), mesh=mesh, in_specs=P('x'),
                                out_specs=P('x')))
   size = per_device * 2
-  for name, fn, alg_bytes, bus in (('all_gather', gather, size * (n - 1), 1.0),
-                                   ('all_reduce', psum, size, 2 * (n - 1) / n)):
+  for name, fn, alg_bytes, bus_bytes in (
+      ('all_gather', gather, size * (n - 1), size * (n - 1)),
+      ('all_reduce', psum, size, size * 2 * (n - 1) / n)):
     s = metrics.median_seconds(lambda fn=fn: jax.block_until_ready(fn(x)), 10)
     row = {'bench': 'collective_bandwidth', 'collective': name, 'n_devices': n,
            'mib_per_device': args.mib, 'seconds': s, 'algbw_gb_s': alg_bytes / s / 1e9,
-           'busbw_gb_s': (size * bus if name == 'all_reduce' else alg_bytes) / s / 1e9,
+           'busbw_gb_s': bus_bytes / s / 1e9,
            'device': jax.devices()[0].device_kind,
            'date': datetime.date.today().isoformat(), 'jax': jax.__version__}
     metrics.emit_json_line(row, args.output)

@@ -12,7 +12,7 @@ source "$(dirname "$0")/gpu_env.sh"  # NVLink multicast off, memory fraction, co
 cmd=(python -m gemma_sft_jax.main "$@")
 if [ -n "$DRY_RUN" ]; then
   echo "JAX_COORDINATOR_ADDRESS=$JAX_COORDINATOR_ADDRESS JAX_NUM_PROCESSES=$JAX_NUM_PROCESSES" \
-       "JAX_PROCESS_ID=$JAX_PROCESS_ID NCCL_NVLS_ENABLE=0" \
+       "JAX_PROCESS_ID=$JAX_PROCESS_ID NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE" \
        "XLA_PYTHON_CLIENT_MEM_FRACTION=$XLA_PYTHON_CLIENT_MEM_FRACTION XLA_FLAGS=${XLA_FLAGS@Q}" \
        "${cmd[*]@Q}"
   exit 0
