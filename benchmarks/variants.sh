@@ -51,6 +51,9 @@ declare -A V=(
   [2b_full_f32_states]="$G2B $B8 --config.optim.state_dtype=float32 --breakdown"
   [2b_full_bf16_states]="$G2B $B8 --config.optim.state_dtype=bfloat16 --breakdown"
   [2b_full_int8_states]="$G2B $B8 --config.optim.state_dtype=int8 --breakdown"
+  # The 8-bit update in XLA instead of the Pallas kernel (optim.update_kernel).
+  [9b_full_xla_update]="$F9B $B8 --config.optim.update_kernel=xla --breakdown"
+  [2b_full_int8_states_xla_update]="$G2B $B8 --config.optim.state_dtype=int8 --config.optim.update_kernel=xla --breakdown"
   # The loss's logits recomputed in the backward pass (the default before save_loss_logits), or
   # kept where the config recomputes them.
   [2b_full_recompute_logits]="$G2B $B8 --config.model.save_loss_logits=false"

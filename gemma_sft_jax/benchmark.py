@@ -127,6 +127,7 @@ def _bench(config, steps, output, breakdown, tag, profile):
       'scan_layers': config.model.scan_layers, 'logits_dtype': config.model.logits_dtype,
       'save_loss_logits': config.model.save_loss_logits,
       'stochastic_rounding': config.optim.stochastic_rounding,
+      'update_kernel': config.optim.update_kernel,
       'trainable_params': parts.n_trainable, 'total_params': parts.n_total,
       'step_s_median': step_s, 'first_step_s': times[0], 'compile_s': compile_s,
       'build_s': build_s,

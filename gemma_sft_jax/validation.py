@@ -25,6 +25,7 @@ from gemma_sft_jax.model import sharding
 from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.training import metrics
 from gemma_sft_jax.training import optimizer
+from gemma_sft_jax.training import update
 from gemma_sft_jax.weights import loading as checkpoints
 
 COMMANDS = ('main', 'eval', 'decode', 'export')
@@ -68,6 +69,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'optim.decay_steps': _at_least(0),
     'optim.weight_decay': _at_least(0),
     'optim.state_dtype': _one_of(*optimizer.STATE_DTYPES),
+    'optim.update_kernel': _one_of(*update.UPDATE_KERNELS),
     'optim.clip_norm': _at_least(0),
     'optim.b1': _between(0, 1, high_open=True),
     'optim.b2': _between(0, 1, high_open=True),

@@ -145,7 +145,8 @@ def build(config: ml_collections.ConfigDict, setup: models.Setup, mesh: jax.shar
   update = update_lib.make_update(
       schedule=schedule, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
       decay_mask=decay_mask, chunks=update_lib.chunk_plan(trainable), b1=o.b1, b2=o.b2,
-      eps=o.eps, stochastic_rounding=o.stochastic_rounding)
+      eps=o.eps, stochastic_rounding=o.stochastic_rounding,
+      kernels=update_lib.kernel_plan(trainable, o.update_kernel))
   opt_shardings = optimizer_lib.state_shardings(tx, trainable, trainable_shardings)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
   repl = sharding.replicated(mesh)

@@ -4,7 +4,8 @@ Going through the optax chain would materialise whole-tree fp32 intermediates (d
 moments, the fp32 update, random bits): for Gemma 2 9B with stacked layers the compiled step
 asked for 150 GiB of temporaries. `make_update` applies clip -> Adam -> decay -> LR -> write per
 leaf, and a leaf with 8-bit moments in blocks of at most `CHUNK_ELEMENTS` along its first axis,
-rewriting params and moments in place (docs/optimizer.md).
+rewriting params and moments in place (docs/optimizer.md). On a GPU, leaves with 8-bit moments
+that live on one device take one Pallas kernel each instead (`adam_kernel`, `kernel_plan`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from gemma_sft_jax.training import adam_kernel
 from gemma_sft_jax.training import optimizer
 from gemma_sft_jax.training import rounding
 from gemma_sft_jax.training.quantization import BLOCK_SIZE, QuantizedArray
@@ -65,10 +67,40 @@ def chunk_plan(params: Any, *, whole_leaf_bytes: int | None = None) -> Any:
   return jax.tree.map(blocks, params)
 
 
+UPDATE_KERNELS = ('auto', 'xla')
+
+
+def kernel_plan(params: Any, mode: str = 'auto') -> Any:
+  """Which leaves' 8-bit update runs as `adam_kernel`'s Pallas kernel (True) rather than in XLA.
+
+  With mode 'auto': leaves that live on one GPU (the kernel has no rule for sharded operands, so
+  on a mesh of several devices every leaf stays in XLA). With 'xla': none. Whether a leaf's
+  moments are 8-bit and its last axis whole 256-blocks is decided by the update
+  (`adam_kernel.applicable`); such leaves also ignore `chunk_plan`.
+
+  Args:
+    params: the trainable tree, as arrays (their shardings are read).
+    mode: 'auto' | 'xla' (config optim.update_kernel).
+
+  Returns:
+    A tree like params of bools.
+  """
+  if mode not in UPDATE_KERNELS:
+    raise ValueError(f'optim.update_kernel: {mode!r} is not one of {UPDATE_KERNELS}')
+
+  def pick(x):
+    sharding = getattr(x, 'sharding', None)
+    if mode != 'auto' or sharding is None or len(sharding.device_set) != 1:
+      return False
+    return next(iter(sharding.device_set)).platform == 'gpu'
+  return jax.tree.map(pick, params)
+
+
 def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: float | None,
                 decay_mask: Any, chunks: Any, b1: float = 0.9, b2: float = 0.999,
                 eps: float = 1e-8, block_size: int = BLOCK_SIZE,
-                stochastic_rounding: bool = True, two_pass: bool = True) -> Any:
+                stochastic_rounding: bool = True, two_pass: bool = True, kernels: Any = None,
+                interpret_kernels: bool = False) -> Any:
   """The training update with the semantics of `make_optimizer`'s chain, fused per block.
 
   For each leaf (or block of `chunks` along axis 0, in place, one after another): the gradient
@@ -91,6 +123,9 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     two_pass: for 8-bit moments, compute their block absmax in a reduction pass of its own and
       recompute the moments in the elementwise pass that requantises them and writes the params
       (False: one pass, which materialises the fp32 moments; kept for `benchmarks/update_speed.py`).
+    kernels: a bool tree like params (`kernel_plan`): leaves whose 8-bit update runs as one
+      Pallas kernel (`adam_kernel.update_leaf`). None: all in XLA.
+    interpret_kernels: run those kernels in the Pallas interpreter (tests on CPU).
 
   Returns:
     update(params, grad_sums, opt_state, *, divisor, seed) -> (params, opt_state, grad_norm):
@@ -111,6 +146,7 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     leaves, treedef = jax.tree.flatten(params)
     grads, mus, nus, decays, plan = (
         treedef.flatten_up_to(t) for t in (grad_sums, adam.mu, adam.nu, decay_mask, chunks))
+    fused = treedef.flatten_up_to(kernels) if kernels is not None else [False] * len(leaves)
 
     def sum_squares(g, n):
       # The divided gradients' squared norm, block by block for split leaves. The barrier keeps
@@ -152,8 +188,13 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
         new = rounding.stochastic_round_to_bf16(new, bits)
       return new.astype(p.dtype), mu, nu
 
-    def leaf(index, p, g, mu, nu, decay, n):
+    def leaf(index, p, g, mu, nu, decay, n, kernel):
       seed_leaf = rounding.fold_seed(seed, index)
+      if kernel and adam_kernel.applicable(p, mu, nu, block_size=block_size):
+        return adam_kernel.update_leaf(
+            p, g, mu, nu, grad_scale=grad_scale, lr=lr, bc=bc, seed=seed_leaf, b1=b1, b2=b2,
+            eps=eps, weight_decay=weight_decay if decay else 0.0,
+            stochastic_rounding=stochastic_rounding, interpret=interpret_kernels)
       # Only 8-bit moments need blocks: their absmax reductions split the update into several
       # XLA fusions with whole-leaf fp32 intermediates. With bf16/fp32 moments the whole-leaf
       # update is one elementwise fusion without temporaries (a loop would only add copies).
@@ -178,7 +219,8 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
       p, _, mu, nu = jax.lax.fori_loop(0, n, body, (p, g, mu, nu))
       return p, mu, nu
 
-    out = [leaf(i, *args) for i, args in enumerate(zip(leaves, grads, mus, nus, decays, plan))]
+    out = [leaf(i, *args)
+           for i, args in enumerate(zip(leaves, grads, mus, nus, decays, plan, fused))]
     new_params = treedef.unflatten([o[0] for o in out])
     new_adam = optimizer.ScaleByAdam8bitState(
         count=count, mu=treedef.unflatten([o[1] for o in out]),
