@@ -109,6 +109,9 @@ def _bench(config, steps, output, breakdown, tag, profile):
     state, m = compiled(state, parts.frozen, batch)
     loss = float(jax.device_get(m['loss']))  # Blocks until the step is done.
     times.append(time.time() - t1)
+  if not np.isfinite(loss):  # A broken step (e.g. a kernel writing garbage) can run fast.
+    raise RuntimeError(f'benchmark: the loss after {len(times)} steps is {loss}; the step is '
+                       'broken, so no line is written')
   step_s = statistics.median(times[2:])
   c = setup.config
   fpt = metrics_lib.flops_per_token(

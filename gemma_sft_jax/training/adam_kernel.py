@@ -15,7 +15,13 @@ tables), requantised with `quantization.nearest_code_index`, and bf16 params are
 row-major index, so the random bits are those of the XLA path. Results equal the XLA path's up
 to float rounding (a requantised code can flip at a midpoint; tests/test_adam_kernel.py).
 
-Axes: R rows of 256 elements (the leaf reshaped to [R, 256]), T rows per program.
+The codes travel as int32 words, four codes each: Pallas' Triton lowering computes the offsets
+of an array of under 2^32 bytes in 32-bit signed arithmetic, which overflows for an int8 array of
+2^31 elements or more (Gemma 2 9B's stacked gate and up kernels have 2.16e9). As words the same
+bytes are a quarter as many elements; params and gradients (2 bytes each) take 64-bit offsets
+there. So params are viewed as [R, 64, 4] and codes as [R, 64] words.
+
+Axes: R rows of 256 elements (one quantisation block each), T rows per program, 64 words of 4.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ from gemma_sft_jax.training import quantization as quant
 from gemma_sft_jax.training import rounding
 
 BLOCK = quant.BLOCK_SIZE
-TILE_ROWS = 8  # rows (quantisation blocks) per program
-NUM_WARPS = 8
+WORDS = BLOCK // 4  # a block's 8-bit codes as int32 words
+TILE_ROWS = 4  # rows (quantisation blocks) per program
+NUM_WARPS = 4
 
 
 def applicable(p: Any, mu: Any, nu: Any, *, block_size: int) -> bool:
@@ -47,13 +54,30 @@ def _tile(rows: int, most: int) -> int:
   return next(t for t in (64, 32, 16, 8, 4, 2, 1) if t <= most and rows % t == 0)
 
 
+def _unpack(words: jax.Array, shift: jax.Array, signed: bool) -> jax.Array:
+  """int32 words [T, W] -> their four bytes [T, W, 4] as int32 (sign-extended for int8 codes),
+  byte k of a word being element 4w + k (little-endian)."""
+  w = words[:, :, None]
+  if signed:
+    return jax.lax.shift_right_arithmetic(jax.lax.shift_left(w, 24 - shift), jnp.int32(24))
+  return jax.lax.shift_right_logical(w, shift) & 0xFF
+
+
+def _pack(codes: jax.Array, shift: jax.Array) -> jax.Array:
+  """The inverse of `_unpack`: bytes [T, W, 4] (int32 holding int8 or uint8 values) -> words."""
+  return jnp.sum(jax.lax.shift_left(codes & 0xFF, shift), axis=2)
+
+
 def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, p_ref, g_ref, mc_ref, ms_ref,
             vc_ref, vs_ref, p_out, mc_out, ms_out, vc_out, vs_out, *, b1, b2, eps, weight_decay,
             stochastic_rounding, tile):
+  shape = (tile, WORDS, 4)
+  shift = jax.lax.broadcasted_iota(jnp.int32, shape, 2) * 8
   grad_scale, lr, inv_bc1, inv_bc2 = (floats_ref[i] for i in range(4))
   g = g_ref[...].astype(jnp.float32) * grad_scale
-  mu = signed_map_ref[mc_ref[...].astype(jnp.int32) + 128] * ms_ref[...][:, None]
-  nu = unsigned_map_ref[vc_ref[...].astype(jnp.int32)] * vs_ref[...][:, None]
+  mu = (signed_map_ref[_unpack(mc_ref[...], shift, True) + 128]
+        * ms_ref[...][:, None, None])
+  nu = unsigned_map_ref[_unpack(vc_ref[...], shift, False)] * vs_ref[...][:, None, None]
   # optimizer.adam_leaf, term for term.
   m = b1 * mu + (1.0 - b1) * g
   v = b2 * nu + (1.0 - b2) * jnp.square(g)
@@ -63,17 +87,18 @@ def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, p_ref, g_ref
     u = u + weight_decay * p
   new = p + -(lr * u)
   if stochastic_rounding and p_out.dtype == jnp.bfloat16:
-    row = (jax.lax.broadcasted_iota(jnp.uint32, (tile, BLOCK), 0)
+    row = (jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
            + (pl.program_id(0) * tile).astype(jnp.uint32))
-    col = jax.lax.broadcasted_iota(jnp.uint32, (tile, BLOCK), 1)
+    col = (jax.lax.broadcasted_iota(jnp.uint32, shape, 1) * jnp.uint32(4)
+           + jax.lax.broadcasted_iota(jnp.uint32, shape, 2))
     bits = rounding.random_bits16(row * jnp.uint32(BLOCK) + col, seed_ref[0])
     new = rounding.stochastic_round_to_bf16(new, bits)
   p_out[...] = new.astype(p_out.dtype)
   for x, codes_out, scales_out, signed in ((m, mc_out, ms_out, True), (v, vc_out, vs_out, False)):
-    absmax = jnp.max(jnp.abs(x), axis=1)
-    normed = x / jnp.where(absmax > 0, absmax, 1.0)[:, None]
+    absmax = jnp.max(jnp.max(jnp.abs(x), axis=2), axis=1)
+    normed = x / jnp.where(absmax > 0, absmax, 1.0)[:, None, None]
     index = quant.nearest_code_index(normed, signed=signed)
-    codes_out[...] = (index - 128 if signed else index).astype(codes_out.dtype)
+    codes_out[...] = _pack(index - 128 if signed else index, shift)
     scales_out[...] = absmax
 
 
@@ -108,9 +133,11 @@ def update_leaf(p: jax.Array, g: jax.Array, mu: quant.QuantizedArray, nu: quant.
   """
   rows = p.size // BLOCK
   tile = _tile(rows, tile_rows)
-  as_rows = lambda x: x.reshape(rows, BLOCK)  # noqa: E731
+  as_rows = lambda x: x.reshape(rows, WORDS, 4)  # noqa: E731
+  as_words = lambda c: jax.lax.bitcast_convert_type(as_rows(c), jnp.int32)  # noqa: E731
   flat = lambda x: x.reshape(rows)  # noqa: E731
-  tiles = pl.BlockSpec((tile, BLOCK), lambda i: (i, 0))
+  tiles = pl.BlockSpec((tile, WORDS, 4), lambda i: (i, 0, 0))
+  words = pl.BlockSpec((tile, WORDS), lambda i: (i, 0))
   per_row = pl.BlockSpec((tile,), lambda i: (i,))
   whole = lambda n: pl.BlockSpec((n,), lambda i: (0,))  # noqa: E731
   floats = jnp.stack([jnp.asarray(x, jnp.float32) for x in
@@ -120,21 +147,22 @@ def update_leaf(p: jax.Array, g: jax.Array, mu: quant.QuantizedArray, nu: quant.
                              stochastic_rounding=stochastic_rounding, tile=tile)
   new_p, mc, ms, vc, vs = pl.pallas_call(
       kernel, grid=(rows // tile,),
-      in_specs=[whole(4), whole(2), whole(256), whole(256), tiles, tiles, tiles, per_row, tiles,
+      in_specs=[whole(4), whole(2), whole(256), whole(256), tiles, tiles, words, per_row, words,
                 per_row],
-      out_specs=[tiles, tiles, per_row, tiles, per_row],
-      out_shape=[jax.ShapeDtypeStruct((rows, BLOCK), p.dtype),
-                 jax.ShapeDtypeStruct((rows, BLOCK), mu.codes.dtype),
+      out_specs=[tiles, words, per_row, words, per_row],
+      out_shape=[jax.ShapeDtypeStruct((rows, WORDS, 4), p.dtype),
+                 jax.ShapeDtypeStruct((rows, WORDS), jnp.int32),
                  jax.ShapeDtypeStruct((rows,), jnp.float32),
-                 jax.ShapeDtypeStruct((rows, BLOCK), nu.codes.dtype),
+                 jax.ShapeDtypeStruct((rows, WORDS), jnp.int32),
                  jax.ShapeDtypeStruct((rows,), jnp.float32)],
       input_output_aliases={4: 0, 6: 1, 7: 2, 8: 3, 9: 4},
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
       name='adam8bit_update',
   )(floats, seeds, jnp.asarray(quant.dynamic_map(signed=True)),
-    jnp.asarray(quant.dynamic_map(signed=False)), as_rows(p), as_rows(g), as_rows(mu.codes),
-    flat(mu.scales), as_rows(nu.codes), flat(nu.scales))
+    jnp.asarray(quant.dynamic_map(signed=False)), as_rows(p), as_rows(g), as_words(mu.codes),
+    flat(mu.scales), as_words(nu.codes), flat(nu.scales))
+  codes = lambda w, like: jax.lax.bitcast_convert_type(w, like.dtype).reshape(like.shape)  # noqa: E731
   return (new_p.reshape(p.shape),
-          quant.QuantizedArray(mc.reshape(mu.codes.shape), ms.reshape(mu.scales.shape)),
-          quant.QuantizedArray(vc.reshape(nu.codes.shape), vs.reshape(nu.scales.shape)))
+          quant.QuantizedArray(codes(mc, mu.codes), ms.reshape(mu.scales.shape)),
+          quant.QuantizedArray(codes(vc, nu.codes), vs.reshape(nu.scales.shape)))
