@@ -13,7 +13,8 @@ dequantised by looking the codes up in `quantization.dynamic_map` (passed in as 
 tables), requantised with `quantization.nearest_code_index`, and bf16 params are rounded with
 `rounding.stochastic_round_to_bf16` under the bits of `rounding.random_bits16` of each element's
 row-major index, so the random bits are those of the XLA path. Results equal the XLA path's up
-to float rounding (a requantised code can flip at a midpoint; tests/test_adam_kernel.py).
+to float rounding (a requantised code can flip at a midpoint; tests/test_adam_kernel.py): the
+kernel normalises a block by multiplying with its absmax's reciprocal where XLA divides.
 
 The codes travel as int32 words, four codes each: Pallas' Triton lowering computes the offsets
 of an array of under 2^32 bytes in 32-bit signed arithmetic, which overflows for an int8 array of
@@ -96,7 +97,9 @@ def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, p_ref, g_ref
   p_out[...] = new.astype(p_out.dtype)
   for x, codes_out, scales_out, signed in ((m, mc_out, ms_out, True), (v, vc_out, vs_out, False)):
     absmax = jnp.max(jnp.max(jnp.abs(x), axis=2), axis=1)
-    normed = x / jnp.where(absmax > 0, absmax, 1.0)[:, None, None]
+    # One reciprocal per block rather than a division per element: normed may differ from
+    # x / absmax by an ulp, which moves a code only where a value sits on a midpoint.
+    normed = x * (1.0 / jnp.where(absmax > 0, absmax, 1.0))[:, None, None]
     index = quant.nearest_code_index(normed, signed=signed)
     codes_out[...] = _pack(index - 128 if signed else index, shift)
     scales_out[...] = absmax
