@@ -53,6 +53,9 @@ declare -A V=(
   [2b_full_int8_states]="$G2B $B8 --config.optim.state_dtype=int8 --breakdown"
   # The 8-bit update in XLA instead of the Pallas kernel (optim.update_kernel).
   [9b_full_xla_update]="$F9B $B8 --config.optim.update_kernel=xla --breakdown"
+  # 9B full SFT saving one of the two widest projections too (the default recomputes both).
+  [9b_full_save_gate]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,gate_proj --breakdown"
+  [9b_full_save_up]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,up_proj --breakdown"
   [2b_full_int8_states_xla_update]="$G2B $B8 --config.optim.state_dtype=int8 --config.optim.update_kernel=xla --breakdown"
   # The loss's logits recomputed in the backward pass (the default before save_loss_logits), or
   # kept where the config recomputes them.
