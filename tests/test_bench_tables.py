@@ -1,8 +1,10 @@
 """The benchmark tables in BENCHMARKS.md and the README are the ones benchmarks/table.py makes from
 their committed JSON lines (so no number there is typed by hand)."""
 
+import glob
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -22,6 +24,28 @@ def test_tables_match_their_source(doc):
   for name, source, current in found:
     assert os.path.exists(os.path.join(REPO, source)), source
     assert current == table.render(name, source, REPO), (doc, name, source)
+
+
+@pytest.mark.parametrize('doc', ['BENCHMARKS.md', 'README.md', 'docs/optimizer.md'])
+def test_cited_results_files_are_committed(doc):
+  """Every results file a document names exists: full paths under results/, and the short
+  `-NAME.jsonl` form BENCHMARKS.md uses for results/bench/DATE-DEVICE-NAME.jsonl. (A path that
+  ends in '-' or '_' is a prefix for a family of files and must match at least one.)"""
+  with open(os.path.join(REPO, doc)) as f:
+    text = f.read()
+  missing = []
+  for path in re.findall(r'results/[\w./-]+', text):
+    path = path.rstrip('.,')
+    if path.endswith(('-', '_')):
+      ok = glob.glob(os.path.join(REPO, path) + '*')
+    else:
+      ok = os.path.exists(os.path.join(REPO, path))
+    if not ok:
+      missing.append(path)
+  for name in re.findall(r'`-([\w-]+\.jsonl)`', text):
+    if not glob.glob(os.path.join(REPO, 'results', 'bench', f'*-{name}')):
+      missing.append(name)
+  assert not missing, missing
 
 
 def test_ratio_and_efficiency_are_computed(tmp_path):
