@@ -1,6 +1,10 @@
 """The 8-bit AdamW update as one Pallas kernel (gemma_sft_jax.training.adam_kernel) against the
 XLA update it replaces on GPUs, run here in the Pallas interpreter; and its lowering to Triton."""
 
+import os
+import subprocess
+import sys
+import textwrap
 import types
 
 import jax
@@ -12,6 +16,9 @@ from gemma_sft_jax.training import adam_kernel
 from gemma_sft_jax.training import optimizer as opt
 from gemma_sft_jax.training import quantization as quant
 from gemma_sft_jax.training import update as update_lib
+from tests.conftest import xla_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _problem(param_dtype):
@@ -33,7 +40,8 @@ def _problem(param_dtype):
     update = update_lib.make_update(
         schedule=schedule, weight_decay=0.1, clip_norm=1.0, decay_mask=mask,
         chunks=jax.tree.map(lambda _: 1, params), b1=0.9, b2=0.95, stochastic_rounding=sr,
-        kernels=jax.tree.map(lambda _: kernel, params), interpret_kernels=True)
+        kernels=update_lib.kernel_plan(params, 'auto' if kernel else 'xla', platforms=('cpu',)),
+        interpret_kernels=True)
     step = jax.jit(lambda p, g, s, i: update(p, g, s, divisor=64.0, seed=i.astype(jnp.uint32)))
     p, s = params, tx.init(params)
     for i in range(steps):
@@ -114,18 +122,100 @@ class _Device:
     self.platform = platform
 
 
-def _leaf(*platforms):
-  return types.SimpleNamespace(
-      sharding=types.SimpleNamespace(device_set={_Device(p) for p in platforms}))
+class _Sharding:
+  def __init__(self, *platforms):
+    self.device_set = {_Device(p) for p in platforms}
 
 
 def test_kernel_plan():
-  """'auto' picks leaves on one GPU; several devices, a CPU or 'xla' keep XLA's update."""
-  tree = {'one_gpu': _leaf('gpu'), 'two_gpus': _leaf('gpu', 'gpu'), 'cpu': _leaf('cpu')}
-  assert update_lib.kernel_plan(tree, 'auto') == {'one_gpu': True, 'two_gpus': False,
-                                                  'cpu': False}
-  assert update_lib.kernel_plan(tree, 'xla') == {'one_gpu': False, 'two_gpus': False,
-                                                 'cpu': False}
-  assert update_lib.kernel_plan({'w': jnp.zeros((2, 256))}) == {'w': False}  # this CPU
+  """'auto' gives the kernel each leaf on GPUs (its sharding: whole on one device, per shard on a
+  mesh, which needs a NamedSharding); CPUs (unless named) and 'xla' keep XLA's update."""
+  one, cpu = _Sharding('gpu'), _Sharding('cpu')
+  tree = {'one_gpu': types.SimpleNamespace(sharding=one),
+          'two_gpus': types.SimpleNamespace(sharding=_Sharding('gpu', 'gpu')),
+          'cpu': types.SimpleNamespace(sharding=cpu)}
+  assert update_lib.kernel_plan(tree, 'auto') == {'one_gpu': one, 'two_gpus': None, 'cpu': None}
+  assert update_lib.kernel_plan(tree, 'auto', platforms=('cpu', 'gpu'))['cpu'] is cpu
+  assert update_lib.kernel_plan(tree, 'xla') == {'one_gpu': None, 'two_gpus': None, 'cpu': None}
+  assert update_lib.kernel_plan({'w': jnp.zeros((2, 256))}) == {'w': None}  # this CPU
   with pytest.raises(ValueError, match='optim.update_kernel'):
     update_lib.kernel_plan(tree, 'pallas')
+
+
+def test_row_starts_are_the_whole_arrays_indices():
+  """The rounding bits' element indices, per row of 256 of a shard: those of the whole array."""
+  full, local = (4, 6, 512), (2, 3, 512)  # a shard: axes 0 and 1 halved
+  whole = np.arange(np.prod(full)).reshape(full)
+  for i0, i1 in ((0, 0), (1, 1), (0, 1)):
+    shard = whole[i0 * 2:(i0 + 1) * 2, i1 * 3:(i1 + 1) * 3]
+    offset = int(shard.flat[0])
+    rows = jnp.arange(shard.size // 256, dtype=jnp.uint32)
+    got = np.asarray(adam_kernel._row_starts(rows, local, full)) + offset  # pylint: disable=protected-access
+    np.testing.assert_array_equal(got, shard.reshape(-1, 256)[:, 0])
+
+
+_MESH_SCRIPT = textwrap.dedent('''
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from gemma_sft_jax.training import optimizer as opt
+    from gemma_sft_jax.training import update as update_lib
+
+    assert jax.device_count() == 8, jax.devices()
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ('fsdp', 'tensor'))
+    specs = {'embed': ((128, 512), P('tensor', 'fsdp')),          # shard [32, 256]: kernel
+             'q': ((16, 8, 256), P('fsdp', 'tensor', None)),       # shard [8, 2, 256]: kernel
+             'down': ((64, 768), P(None, 'tensor')),               # shard [64, 192]: XLA
+             'norm': ((64,), P())}                                 # fp32 moments: XLA
+    shardings = {k: NamedSharding(mesh, spec) for k, (_, spec) in specs.items()}
+    keys = iter(jax.random.split(jax.random.key(0), 2 * len(specs)))
+    host = {k: (jax.random.normal(next(keys), shape) * 0.05).astype(jnp.bfloat16)
+            for k, (shape, _) in specs.items()}
+    grads = [{k: (jax.random.normal(jax.random.fold_in(jax.random.key(i), j), shape) * 30
+                  ).astype(jnp.bfloat16)
+              for j, (k, (shape, _)) in enumerate(specs.items())} for i in range(3)]
+    mask = opt.default_decay_mask(host)
+    tx, schedule = opt.make_optimizer(lr=1e-2, min_lr=1e-3, warmup_steps=1, decay_steps=10,
+                                      weight_decay=0.1, clip_norm=1.0, state_dtype='int8',
+                                      decay_mask=mask)
+    kw = dict(schedule=schedule, weight_decay=0.1, clip_norm=1.0, decay_mask=mask,
+              chunks=jax.tree.map(lambda _: 1, host), interpret_kernels=True)
+    params = jax.device_put(host, shardings)
+    plan = update_lib.kernel_plan(params, platforms=('cpu',))
+    assert all(isinstance(plan[k], NamedSharding) for k in specs), plan
+    state_sh = opt.state_shardings(tx, params, shardings)
+    call = lambda f: lambda p, s, g: f(p, g, s, divisor=3.0, seed=jnp.uint32(5))
+    sharded = jax.jit(call(update_lib.make_update(kernels=plan, **kw)),
+                      in_shardings=(shardings, state_sh, shardings),
+                      out_shardings=(shardings, state_sh, None))
+    text = sharded.lower(params, jax.jit(tx.init, out_shardings=state_sh)(params),
+                         grads[0]).as_text()
+    assert text.count('shard_map') >= 2 or text.count('sdy.manual_computation') >= 2, 'no kernel'
+    dev0 = jax.devices()[0]
+    one = jax.jit(call(update_lib.make_update(**kw)))  # XLA's update on one device
+    p8, s8 = params, jax.jit(tx.init, out_shardings=state_sh)(params)
+    p1 = jax.device_put(host, dev0)
+    s1 = jax.device_put(jax.jit(tx.init)(p1), dev0)
+    for g in grads:
+      p8, s8, n8 = sharded(p8, s8, g)
+      p1, s1, n1 = one(p1, s1, jax.device_put(g, dev0))
+    np.testing.assert_allclose(float(n8), float(n1), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves((p8, s8)), jax.tree.leaves((p1, s1))):
+      x, y = np.asarray(x), np.asarray(y)
+      if x.dtype == np.float32:
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-9)
+      else:  # bf16 weights (stochastically rounded), int8 / uint8 codes
+        assert np.mean(x != y) <= 1e-3, (x.shape, np.mean(x != y))
+    print('MESH_KERNEL_OK')
+''')
+
+
+def test_kernel_on_an_8_device_mesh_equals_one_device():
+  """Per device shard (fsdp x tensor on 8 CPU devices, interpreted), the kernel's weights and
+  codes equal XLA's update on one device: bf16 weights stochastically rounded with the bits of
+  each element's index in the whole array, whichever shard holds it."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8'),
+             JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
+  proc = subprocess.run([sys.executable, '-c', _MESH_SCRIPT], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and 'MESH_KERNEL_OK' in proc.stdout, proc.stdout + proc.stderr[-3000:]

@@ -28,12 +28,14 @@ Axes: R rows of 256 elements (one quantisation block each), T rows per program, 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gemma_sft_jax.training import quantization as quant
 from gemma_sft_jax.training import rounding
@@ -44,11 +46,38 @@ TILE_ROWS = 4  # rows (quantisation blocks) per program
 NUM_WARPS = 4
 
 
-def applicable(p: Any, mu: Any, nu: Any, *, block_size: int) -> bool:
+def applicable(p: Any, mu: Any, nu: Any, *, block_size: int,
+               shape: tuple[int, ...] | None = None) -> bool:
   """Whether `update_leaf` can take this leaf: both moments 8-bit in blocks of 256, and a last
-  axis of whole blocks (so each row of the [R, 256] view is one block)."""
+  axis of whole blocks (so each row of the [R, 256] view is one block). `shape` is the shape the
+  kernel sees (a device's shard of p), default p's."""
+  shape = tuple(p.shape) if shape is None else tuple(shape)
   return (isinstance(mu, quant.QuantizedArray) and isinstance(nu, quant.QuantizedArray)
-          and block_size == BLOCK and p.ndim >= 1 and p.shape[-1] % BLOCK == 0 and p.size > 0)
+          and block_size == BLOCK and len(shape) >= 1 and shape[-1] % BLOCK == 0
+          and math.prod(shape) > 0)
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+  """Row-major element strides of `shape`, modulo 2^32 (as `rounding.element_index` wraps)."""
+  out, stride = [], 1
+  for n in reversed(shape):
+    out.append(stride % (1 << 32))
+    stride *= n
+  return out[::-1]
+
+
+def _row_starts(rows: jax.Array, local: tuple[int, ...], full: tuple[int, ...]) -> jax.Array:
+  """The element index in the whole array (`full`, row-major, modulo 2^32) of the first element
+  of each row of 256 of a shard shaped `local`, less the shard's own offset: each row's position
+  in the shard, split into the shard's axes, weighted by the whole array's strides. For a whole
+  array this is rows * 256."""
+  per_last = local[-1] // BLOCK  # rows per line of the last axis
+  index = (rows % per_last) * jnp.uint32(BLOCK)
+  lead = rows // per_last
+  for n, stride in reversed(list(zip(local[:-1], _strides(full)[:-1]))):
+    index = index + (lead % n) * jnp.uint32(stride)
+    lead = lead // n
+  return index
 
 
 def _tile(rows: int, most: int) -> int:
@@ -71,7 +100,7 @@ def _pack(codes: jax.Array, shift: jax.Array) -> jax.Array:
 
 def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, p_ref, g_ref, mc_ref, ms_ref,
             vc_ref, vs_ref, p_out, mc_out, ms_out, vc_out, vs_out, *, b1, b2, eps, weight_decay,
-            stochastic_rounding, tile):
+            stochastic_rounding, tile, local, full):
   shape = (tile, WORDS, 4)
   shift = jax.lax.broadcasted_iota(jnp.int32, shape, 2) * 8
   grad_scale, lr, inv_bc1, inv_bc2 = (floats_ref[i] for i in range(4))
@@ -88,11 +117,12 @@ def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, p_ref, g_ref
     u = u + weight_decay * p
   new = p + -(lr * u)
   if stochastic_rounding and p_out.dtype == jnp.bfloat16:
-    row = (jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
-           + (pl.program_id(0) * tile).astype(jnp.uint32))
+    rows = (jax.lax.broadcasted_iota(jnp.uint32, (tile,), 0)
+            + (pl.program_id(0) * tile).astype(jnp.uint32))
+    starts = _row_starts(rows, local, full) + seed_ref[1]  # + the shard's offset
     col = (jax.lax.broadcasted_iota(jnp.uint32, shape, 1) * jnp.uint32(4)
            + jax.lax.broadcasted_iota(jnp.uint32, shape, 2))
-    bits = rounding.random_bits16(row * jnp.uint32(BLOCK) + col, seed_ref[0])
+    bits = rounding.random_bits16(starts[:, None, None] + col, seed_ref[0])
     new = rounding.stochastic_round_to_bf16(new, bits)
   p_out[...] = new.astype(p_out.dtype)
   for x, codes_out, scales_out, signed in ((m, mc_out, ms_out, True), (v, vc_out, vs_out, False)):
@@ -108,7 +138,8 @@ def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, p_ref, g_ref
 def update_leaf(p: jax.Array, g: jax.Array, mu: quant.QuantizedArray, nu: quant.QuantizedArray,
                 *, grad_scale: jax.Array, lr: jax.Array, bc: tuple[jax.Array, jax.Array],
                 seed: jax.Array, b1: float, b2: float, eps: float, weight_decay: float,
-                stochastic_rounding: bool, tile_rows: int = TILE_ROWS,
+                stochastic_rounding: bool, full_shape: tuple[int, ...] | None = None,
+                offset: jax.Array | int = 0, tile_rows: int = TILE_ROWS,
                 num_warps: int = NUM_WARPS, interpret: bool = False
                 ) -> tuple[jax.Array, quant.QuantizedArray, quant.QuantizedArray]:
   """One leaf's AdamW step (`applicable` leaves): params and moments rewritten in place.
@@ -127,6 +158,9 @@ def update_leaf(p: jax.Array, g: jax.Array, mu: quant.QuantizedArray, nu: quant.
     eps: Adam epsilon.
     weight_decay: decoupled decay coefficient for this leaf (0 for none).
     stochastic_rounding: round bf16 params stochastically (else to nearest).
+    full_shape: when p is one device's shard, the whole array's shape (default p's), and
+    offset: the whole array's row-major index of the shard's first element (modulo 2^32), so
+      that each element's rounding bits are those of its index in the whole array.
     tile_rows: most rows of 256 per program.
     num_warps: warps per program.
     interpret: run in the Pallas interpreter (any backend; for tests).
@@ -145,9 +179,11 @@ def update_leaf(p: jax.Array, g: jax.Array, mu: quant.QuantizedArray, nu: quant.
   whole = lambda n: pl.BlockSpec((n,), lambda i: (0,))  # noqa: E731
   floats = jnp.stack([jnp.asarray(x, jnp.float32) for x in
                       (grad_scale, lr, 1.0 / bc[0], 1.0 / bc[1])])
-  seeds = jnp.stack([jnp.asarray(seed, jnp.uint32), jnp.uint32(0)])
+  seeds = jnp.stack([jnp.asarray(seed, jnp.uint32), jnp.asarray(offset, jnp.uint32)])
   kernel = functools.partial(_kernel, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                             stochastic_rounding=stochastic_rounding, tile=tile)
+                             stochastic_rounding=stochastic_rounding, tile=tile,
+                             local=tuple(p.shape),
+                             full=tuple(p.shape if full_shape is None else full_shape))
   new_p, mc, ms, vc, vs = pl.pallas_call(
       kernel, grid=(rows // tile,),
       in_specs=[whole(4), whole(2), whole(256), whole(256), tiles, tiles, words, per_row, words,
@@ -169,3 +205,37 @@ def update_leaf(p: jax.Array, g: jax.Array, mu: quant.QuantizedArray, nu: quant.
   return (new_p.reshape(p.shape),
           quant.QuantizedArray(codes(mc, mu.codes), ms.reshape(mu.scales.shape)),
           quant.QuantizedArray(codes(vc, nu.codes), vs.reshape(nu.scales.shape)))
+
+
+def update_shards(p: jax.Array, g: jax.Array, mu: quant.QuantizedArray, nu: quant.QuantizedArray,
+                  *, sharding: NamedSharding, grad_scale: jax.Array, lr: jax.Array,
+                  bc: tuple[jax.Array, jax.Array], seed: jax.Array, **kwargs
+                  ) -> tuple[jax.Array, quant.QuantizedArray, quant.QuantizedArray]:
+  """`update_leaf` on each device's shard of a leaf laid out by `sharding` (`jax.shard_map`).
+
+  The moments' codes and block scales must lie like the param (`optimizer.state_shardings` does
+  so when each shard's last axis is whole blocks, which `applicable` on the shard's shape checks).
+  Each shard draws the rounding bits of its elements' indices in the whole array, so the result
+  does not depend on the mesh.
+  """
+  mesh, spec = sharding.mesh, P(*sharding.spec, *([None] * (p.ndim - len(sharding.spec))))
+  full = tuple(p.shape)
+  local = sharding.shard_shape(full)
+  strides = _strides(full)
+
+  def shard(p, g, mu, nu, grad_scale, lr, bc0, bc1, seed):
+    offset = jnp.uint32(0)
+    for axis, names in enumerate(spec):
+      if names is not None:
+        start = jax.lax.axis_index(names).astype(jnp.uint32) * jnp.uint32(local[axis])
+        offset = offset + start * jnp.uint32(strides[axis])
+    return update_leaf(p, g, mu, nu, grad_scale=grad_scale, lr=lr, bc=(bc0, bc1), seed=seed,
+                       full_shape=full, offset=offset, **kwargs)
+
+  moment = quant.QuantizedArray(spec, spec)
+  scalar = P()
+  return jax.shard_map(
+      shard, mesh=mesh, in_specs=(spec, spec, moment, moment) + (scalar,) * 5,
+      out_specs=(spec, moment, moment), check_vma=False,
+  )(p, g, mu, nu, *(jnp.asarray(x, jnp.float32) for x in (grad_scale, lr, bc[0], bc[1])),
+    jnp.asarray(seed, jnp.uint32))

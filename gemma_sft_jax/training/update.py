@@ -4,8 +4,8 @@ Going through the optax chain would materialise whole-tree fp32 intermediates (d
 moments, the fp32 update, random bits): for Gemma 2 9B with stacked layers the compiled step
 asked for 150 GiB of temporaries. `make_update` applies clip -> Adam -> decay -> LR -> write per
 leaf, and a leaf with 8-bit moments in blocks of at most `CHUNK_ELEMENTS` along its first axis,
-rewriting params and moments in place (docs/optimizer.md). On a GPU, leaves with 8-bit moments
-that live on one device take one Pallas kernel each instead (`adam_kernel`, `kernel_plan`).
+rewriting params and moments in place (docs/optimizer.md). On GPUs, leaves with 8-bit moments
+take one Pallas kernel each instead, per device shard (`adam_kernel`, `kernel_plan`).
 """
 
 from __future__ import annotations
@@ -70,29 +70,36 @@ def chunk_plan(params: Any, *, whole_leaf_bytes: int | None = None) -> Any:
 UPDATE_KERNELS = ('auto', 'xla')
 
 
-def kernel_plan(params: Any, mode: str = 'auto') -> Any:
-  """Which leaves' 8-bit update runs as `adam_kernel`'s Pallas kernel (True) rather than in XLA.
+def kernel_plan(params: Any, mode: str = 'auto', *, platforms: tuple[str, ...] = ('gpu',)) -> Any:
+  """Where each leaf's 8-bit update may run as `adam_kernel`'s Pallas kernel.
 
-  With mode 'auto': leaves that live on one GPU (the kernel has no rule for sharded operands, so
-  on a mesh of several devices every leaf stays in XLA). With 'xla': none. Whether a leaf's
-  moments are 8-bit and its last axis whole 256-blocks is decided by the update
-  (`adam_kernel.applicable`); such leaves also ignore `chunk_plan`.
+  With mode 'auto', a leaf on devices of `platforms` gets its sharding (on one device the kernel
+  runs on the whole leaf, on a mesh on each device's shard); anything else, and every leaf with
+  mode 'xla', gets None (XLA's update). Whether a leaf's moments are 8-bit and its shards' last
+  axis whole 256-blocks is decided by the update (`adam_kernel.applicable`); leaves the kernel
+  takes ignore `chunk_plan`.
 
   Args:
     params: the trainable tree, as arrays (their shardings are read).
     mode: 'auto' | 'xla' (config optim.update_kernel).
+    platforms: the device platforms the kernel runs on ('cpu' only for tests, interpreted).
 
   Returns:
-    A tree like params of bools.
+    A tree like params of jax.sharding.Sharding or None.
   """
   if mode not in UPDATE_KERNELS:
     raise ValueError(f'optim.update_kernel: {mode!r} is not one of {UPDATE_KERNELS}')
 
   def pick(x):
     sharding = getattr(x, 'sharding', None)
-    if mode != 'auto' or sharding is None or len(sharding.device_set) != 1:
-      return False
-    return next(iter(sharding.device_set)).platform == 'gpu'
+    if mode != 'auto' or sharding is None:
+      return None
+    devices = sharding.device_set
+    if not all(d.platform in platforms for d in devices):
+      return None
+    if len(devices) > 1 and not isinstance(sharding, NamedSharding):
+      return None
+    return sharding
   return jax.tree.map(pick, params)
 
 
@@ -123,8 +130,9 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     two_pass: for 8-bit moments, compute their block absmax in a reduction pass of its own and
       recompute the moments in the elementwise pass that requantises them and writes the params
       (False: one pass, which materialises the fp32 moments; kept for `benchmarks/update_speed.py`).
-    kernels: a bool tree like params (`kernel_plan`): leaves whose 8-bit update runs as one
-      Pallas kernel (`adam_kernel.update_leaf`). None: all in XLA.
+    kernels: a tree like params of shardings or None (`kernel_plan`): leaves whose 8-bit update
+      runs as one Pallas kernel (`adam_kernel`), on the whole leaf or on each shard. None: all
+      in XLA.
     interpret_kernels: run those kernels in the Pallas interpreter (tests on CPU).
 
   Returns:
@@ -146,7 +154,8 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     leaves, treedef = jax.tree.flatten(params)
     grads, mus, nus, decays, plan = (
         treedef.flatten_up_to(t) for t in (grad_sums, adam.mu, adam.nu, decay_mask, chunks))
-    fused = treedef.flatten_up_to(kernels) if kernels is not None else [False] * len(leaves)
+    fused = (treedef.flatten_up_to(kernels) if kernels is not None
+             else [None] * len(leaves))
 
     def sum_squares(g, n):
       # The divided gradients' squared norm, block by block for split leaves. The barrier keeps
@@ -190,11 +199,14 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
 
     def leaf(index, p, g, mu, nu, decay, n, kernel):
       seed_leaf = rounding.fold_seed(seed, index)
-      if kernel and adam_kernel.applicable(p, mu, nu, block_size=block_size):
-        return adam_kernel.update_leaf(
-            p, g, mu, nu, grad_scale=grad_scale, lr=lr, bc=bc, seed=seed_leaf, b1=b1, b2=b2,
-            eps=eps, weight_decay=weight_decay if decay else 0.0,
-            stochastic_rounding=stochastic_rounding, interpret=interpret_kernels)
+      if kernel is not None and adam_kernel.applicable(
+          p, mu, nu, block_size=block_size, shape=kernel.shard_shape(tuple(p.shape))):
+        args = dict(grad_scale=grad_scale, lr=lr, bc=bc, seed=seed_leaf, b1=b1, b2=b2, eps=eps,
+                    weight_decay=weight_decay if decay else 0.0,
+                    stochastic_rounding=stochastic_rounding, interpret=interpret_kernels)
+        if len(kernel.device_set) == 1:
+          return adam_kernel.update_leaf(p, g, mu, nu, **args)
+        return adam_kernel.update_shards(p, g, mu, nu, sharding=kernel, **args)
       # Only 8-bit moments need blocks: their absmax reductions split the update into several
       # XLA fusions with whole-leaf fp32 intermediates. With bf16/fp32 moments the whole-leaf
       # update is one elementwise fusion without temporaries (a loop would only add copies).
