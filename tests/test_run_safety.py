@@ -75,7 +75,7 @@ def test_resume_refuses_training_changes_and_allows_the_rest(tmp_path, monkeypat
   safe = {'eval.limit': 3, 'eval.max_new_tokens': 7, 'decode.temperature': 0.5,
           'wandb.mode': 'offline', 'checkpoint.every_steps': 5, 'checkpoint.keep': 4,
           'train.log_every': 1, 'mesh.fsdp': 1, 'model.remat': 'full', 'optim.grad_accum': 2,
-          'lora.rank': 2}  # Full SFT trains no adapters.
+          'optim.update_kernel': 'xla', 'lora.rank': 2}  # Full SFT trains no adapters.
   assert all(resume.is_safe_to_change(k) for k in safe if not k.startswith('lora.'))
   with checkpointing.Checkpointer(str(tmp_path), every_steps=1, keep=1) as ckpt:
     assert resume.resume_point(_config(**safe), ckpt) == 3

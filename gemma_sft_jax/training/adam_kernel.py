@@ -22,6 +22,10 @@ of an array of under 2^32 bytes in 32-bit signed arithmetic, which overflows for
 bytes are a quarter as many elements; params and gradients (2 bytes each) take 64-bit offsets
 there. So params are viewed as [R, 64, 4] and codes as [R, 64] words.
 
+On a mesh, `update_shards` runs the kernel on each device's shard (`jax.shard_map`): a shard's
+rows are given the element indices they have in the whole array (`_row_starts` plus the shard's
+offset), so the rounding bits, and the result, do not depend on the mesh.
+
 Axes: R rows of 256 elements (one quantisation block each), T rows per program, 64 words of 4.
 """
 

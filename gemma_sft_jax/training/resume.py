@@ -45,6 +45,7 @@ SAFE_TO_CHANGE = (
     'model.remat',      # Memory for speed; the same maths.
     'model.save_loss_logits',  # Likewise.
     'optim.grad_accum',  # Microbatching; the same global batch and normalisation.
+    'optim.update_kernel',  # Where the same update runs (a Pallas kernel or XLA); same state.
     'data.source',      # Where the same data lives (a local copy or the hub).
     'data.test_split',  # Only evaluations read it.
 )
