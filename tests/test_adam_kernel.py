@@ -42,8 +42,12 @@ def _problem(param_dtype):
         chunks=jax.tree.map(lambda _: 1, params), b1=0.9, b2=0.95, stochastic_rounding=sr,
         kernels=update_lib.kernel_plan(params, 'auto' if kernel else 'xla', platforms=('cpu',)),
         interpret_kernels=True)
-    step = jax.jit(lambda p, g, s, i: update(p, g, s, divisor=64.0, seed=i.astype(jnp.uint32)))
+    fn = lambda p, g, s, i: update(p, g, s, divisor=64.0, seed=i.astype(jnp.uint32))  # noqa: E731
+    step = jax.jit(fn)
     p, s = params, tx.init(params)
+    # The kernel path is taken exactly when asked for: one kernel per eligible leaf (w, embed).
+    kernels = str(jax.make_jaxpr(fn)(p, grads(0), s, jnp.int32(0))).count('pallas_call')
+    assert kernels == (2 if kernel else 0), kernels
     for i in range(steps):
       p, s, _ = step(p, grads(i), s, jnp.int32(i))
     return p, s
