@@ -113,8 +113,9 @@ def cli_env(cache_dir: str) -> dict[str, str]:
   return env
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def env(tmp_path_factory) -> dict[str, str]:
+  """One compilation cache for every module's CLI subprocesses: many run the same tiny programs."""
   return cli_env(str(tmp_path_factory.mktemp('xla')))
 
 
