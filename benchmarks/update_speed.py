@@ -78,7 +78,7 @@ def main() -> None:
         schedule=schedule, weight_decay=0.01, clip_norm=1.0,
         decay_mask=optimizer.default_decay_mask(params), chunks=chunks,
         two_pass=two_pass, stochastic_rounding=sr,
-        **({'kernels': {'w': True}} if kernel is not None else {}))
+        **({'kernels': update_lib.kernel_plan(params)} if kernel is not None else {}))
     fn = jax.jit(lambda p, g, s: update(p, g, s, divisor=1.0, seed=jnp.uint32(0)),
                  donate_argnums=(0, 2))
     p, s = params, jax.jit(tx.init)(params)
