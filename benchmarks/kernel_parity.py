@@ -13,13 +13,13 @@ is Gemma 2 9B's stacked gate kernel, 2.16e9 elements).
 
 import argparse
 import datetime
-import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_sft_jax.training import metrics
 from gemma_sft_jax.training import optimizer
 from gemma_sft_jax.training import update as update_lib
 
@@ -61,7 +61,7 @@ def main() -> None:
   finite = bool(np.isfinite(np.asarray(pk, np.float32)).all()
                 and np.isfinite(mk.scales).all() and np.isfinite(vk.scales).all())
   rel = lambda a, b: float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-30)))  # noqa: E731
-  line = json.dumps({
+  metrics.emit_json_line({
       'bench': 'kernel_parity', 'shape': list(shape), 'elements': math.prod(shape),
       'steps': args.steps, 'kernel_used': update_lib.kernel_plan(init)['w'] is not None,
       'weights_differing': _share_differing(pk, px),
@@ -70,11 +70,7 @@ def main() -> None:
       'mu_scales_max_rel': rel(mk.scales, mx.scales), 'nu_scales_max_rel': rel(vk.scales, vx.scales),
       'weights_changed': _share_differing(pk, jax.device_get(init['w'])),
       'finite': finite, 'device': jax.devices()[0].device_kind,
-      'date': datetime.date.today().isoformat(), 'jax': jax.__version__})
-  print(line, flush=True)
-  if args.output:
-    with open(args.output, 'a') as f:
-      f.write(line + '\n')
+      'date': datetime.date.today().isoformat(), 'jax': jax.__version__}, args.output)
 
 
 if __name__ == '__main__':

@@ -113,12 +113,13 @@ def test_kernel_lowers_to_one_triton_call_for_cuda():
 def test_applicable():
   p = jnp.zeros((4, 512), jnp.bfloat16)
   q8 = lambda signed: quant.zero_quantized((4, 512), signed=signed, block_size=256)  # noqa: E731
-  assert adam_kernel.applicable(p, q8(True), q8(False), block_size=256)
-  assert not adam_kernel.applicable(p, q8(True), q8(False), block_size=128)
-  assert not adam_kernel.applicable(p, jnp.zeros((4, 512)), jnp.zeros((4, 512)), block_size=256)
+  assert adam_kernel.applicable(p.shape, q8(True), q8(False), block_size=256)
+  assert not adam_kernel.applicable(p.shape, q8(True), q8(False), block_size=128)
+  assert not adam_kernel.applicable(p.shape, jnp.zeros((4, 512)), jnp.zeros((4, 512)),
+                                  block_size=256)
   odd = jnp.zeros((4, 384), jnp.bfloat16)
   q = lambda signed: quant.zero_quantized((4, 384), signed=signed, block_size=256)  # noqa: E731
-  assert not adam_kernel.applicable(odd, q(True), q(False), block_size=256)
+  assert not adam_kernel.applicable(odd.shape, q(True), q(False), block_size=256)
 
 
 class _Device:

@@ -50,24 +50,13 @@ TILE_ROWS = 4  # rows (quantisation blocks) per program
 NUM_WARPS = 4
 
 
-def applicable(p: Any, mu: Any, nu: Any, *, block_size: int,
-               shape: tuple[int, ...] | None = None) -> bool:
-  """Whether `update_leaf` can take this leaf: both moments 8-bit in blocks of 256, and a last
-  axis of whole blocks (so each row of the [R, 256] view is one block). `shape` is the shape the
-  kernel sees (a device's shard of p), default p's."""
-  shape = tuple(p.shape) if shape is None else tuple(shape)
+def applicable(shape: tuple[int, ...], mu: Any, nu: Any, *, block_size: int) -> bool:
+  """Whether `update_leaf` can take a leaf whose kernel sees `shape` (the leaf, or one device's
+  shard of it): both moments 8-bit in blocks of 256, and a last axis of whole blocks (so each row
+  of the [R, 256] view is one block)."""
   return (isinstance(mu, quant.QuantizedArray) and isinstance(nu, quant.QuantizedArray)
           and block_size == BLOCK and len(shape) >= 1 and shape[-1] % BLOCK == 0
           and math.prod(shape) > 0)
-
-
-def _strides(shape: tuple[int, ...]) -> list[int]:
-  """Row-major element strides of `shape`, modulo 2^32 (as `rounding.element_index` wraps)."""
-  out, stride = [], 1
-  for n in reversed(shape):
-    out.append(stride % (1 << 32))
-    stride *= n
-  return out[::-1]
 
 
 def _row_starts(rows: jax.Array, local: tuple[int, ...], full: tuple[int, ...]) -> jax.Array:
@@ -78,7 +67,7 @@ def _row_starts(rows: jax.Array, local: tuple[int, ...], full: tuple[int, ...]) 
   per_last = local[-1] // BLOCK  # rows per line of the last axis
   index = (rows % per_last) * jnp.uint32(BLOCK)
   lead = rows // per_last
-  for n, stride in reversed(list(zip(local[:-1], _strides(full)[:-1]))):
+  for n, stride in reversed(list(zip(local[:-1], rounding.strides(full)[:-1]))):
     index = index + (lead % n) * jnp.uint32(stride)
     lead = lead // n
   return index
@@ -225,7 +214,7 @@ def update_shards(p: jax.Array, g: jax.Array, mu: quant.QuantizedArray, nu: quan
   mesh, spec = sharding.mesh, P(*sharding.spec, *([None] * (p.ndim - len(sharding.spec))))
   full = tuple(p.shape)
   local = sharding.shard_shape(full)
-  strides = _strides(full)
+  strides = rounding.strides(full)
 
   def shard(p, g, mu, nu, grad_scale, lr, bc0, bc1, seed):
     offset = jnp.uint32(0)

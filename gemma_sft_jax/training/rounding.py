@@ -67,6 +67,15 @@ def stochastic_round_to_bf16(x: jax.Array, bits16: jax.Array) -> jax.Array:
   return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), y)
 
 
+def strides(shape: tuple[int, ...]) -> list[int]:
+  """Row-major element strides of `shape`, modulo 2^32 (element indices are uint32)."""
+  out, stride = [], 1
+  for n in reversed(shape):
+    out.append(stride % (1 << 32))
+    stride *= n
+  return out[::-1]
+
+
 def element_index(shape: tuple[int, ...], offset: jax.Array | int = 0) -> jax.Array:
   """uint32 row-major element indices of an array of `shape`, plus `offset`.
 
@@ -74,9 +83,6 @@ def element_index(shape: tuple[int, ...], offset: jax.Array | int = 0) -> jax.Ar
   elementwise op when the array is sharded.
   """
   index = jnp.asarray(offset, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-    index = index + iota * jnp.uint32(stride % (1 << 32))
-    stride *= shape[axis]
+  for axis, stride in enumerate(strides(shape)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
   return jnp.broadcast_to(index, shape)

@@ -200,7 +200,7 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     def leaf(index, p, g, mu, nu, decay, n, kernel):
       seed_leaf = rounding.fold_seed(seed, index)
       if kernel is not None and adam_kernel.applicable(
-          p, mu, nu, block_size=block_size, shape=kernel.shard_shape(tuple(p.shape))):
+          kernel.shard_shape(tuple(p.shape)), mu, nu, block_size=block_size):
         args = dict(grad_scale=grad_scale, lr=lr, bc=bc, seed=seed_leaf, b1=b1, b2=b2, eps=eps,
                     weight_decay=weight_decay if decay else 0.0,
                     stochastic_rounding=stochastic_rounding, interpret=interpret_kernels)
