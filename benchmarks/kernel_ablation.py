@@ -8,6 +8,7 @@ variants of it in which one piece of work is replaced by a trivial stand-in (wro
 timing only), so each piece's cost is the difference to `kernel`:
 
   kernel          the kernel as trained with
+  search_<S>      the kernel with adam_kernel.SEARCH = S (how it finds each moment's nearest code)
   no_sr           round to nearest (no random bits, no rounding arithmetic)
   search_stub     each moment's nearest 8-bit code taken as a scaled truncation, not searched for
   hash_stub       the random bits taken from the element index, not hashed
@@ -47,10 +48,10 @@ def _hash_stub(index, seed):
   return (index.astype(jnp.uint32) ^ seed.astype(jnp.uint32)) & jnp.uint32(0xFFFF)
 
 
-def _io_kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, p_ref, g_ref, mc_ref,
-               ms_ref, vc_ref, vs_ref, p_out, mc_out, ms_out, vc_out, vs_out, *, unpack,
+def _io_kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, segments_ref, p_ref, g_ref,
+               mc_ref, ms_ref, vc_ref, vs_ref, p_out, mc_out, ms_out, vc_out, vs_out, *, unpack,
                **unused):
-  del seed_ref, unused
+  del seed_ref, segments_ref, unused
   p = p_ref[...]
   g = g_ref[...]
   if not unpack:
@@ -90,6 +91,8 @@ def _patched(obj, name, value):
 def _variant(name):
   """(context manager patching the kernel's pieces, stochastic_rounding)."""
   stack = contextlib.ExitStack()
+  if name.startswith('search_') and name != 'search_stub':
+    stack.enter_context(_patched(adam_kernel, 'SEARCH', name[len('search_'):]))
   if name in ('search_stub', 'stubs'):
     stack.enter_context(_patched(quant, 'nearest_code_index', _search_stub))
   if name in ('hash_stub', 'stubs'):
@@ -110,7 +113,8 @@ def main() -> None:
   parser.add_argument('--interpret', action='store_true',
                       help='run the Pallas interpreter (any backend; to check the script on CPU)')
   parser.add_argument('--variants',
-                      default='kernel,no_sr,search_stub,hash_stub,stubs,io,io_unpack,kernel')
+                      default='kernel,search_decades,search_segment_selects,search_segments,no_sr,search_stub,'
+                      'hash_stub,stubs,io,io_unpack,kernel')
   args = parser.parse_args()
   shape = tuple(int(s) for s in args.shape.split(','))
   n = math.prod(shape)

@@ -37,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -48,6 +49,7 @@ BLOCK = quant.BLOCK_SIZE
 WORDS = BLOCK // 4  # a block's 8-bit codes as int32 words
 TILE_ROWS = 4  # rows (quantisation blocks) per program
 NUM_WARPS = 4
+SEARCH = 'segments'  # nearest-code search: 'segments' (looked up), 'segment_selects', 'decades'
 
 
 def applicable(shape: tuple[int, ...], mu: Any, nu: Any, *, block_size: int) -> bool:
@@ -91,8 +93,25 @@ def _pack(codes: jax.Array, shift: jax.Array) -> jax.Array:
   return jnp.sum(jax.lax.shift_left(codes & 0xFF, shift), axis=2)
 
 
-def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, p_ref, g_ref, mc_ref, ms_ref,
-            vc_ref, vs_ref, p_out, mc_out, ms_out, vc_out, vs_out, *, b1, b2, eps, weight_decay,
+def _segment_tables() -> jax.Array:
+  """Both maps' `quantization.code_segments` tables, flat: [signed, unsigned] x [3, 16], padded
+  to 128 entries."""
+  flat = [quant.code_segments(signed=s).tables.reshape(-1) for s in (True, False)]
+  return jnp.pad(jnp.asarray(np.concatenate(flat)), (0, 128 - 96))
+
+
+def _nearest_code(normed, segments_ref, signed):
+  if SEARCH == 'decades':
+    return quant.nearest_code_index(normed, signed=signed)
+  if SEARCH == 'segment_selects':
+    return quant.segment_code_index(normed, signed=signed, lookup='selects')
+  base = 0 if signed else 48
+  return quant.segment_code_index(
+      normed, signed=signed, lookup=lambda k, s: segments_ref[s + (base + 16 * k)])
+
+
+def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, segments_ref, p_ref, g_ref,
+            mc_ref, ms_ref, vc_ref, vs_ref, p_out, mc_out, ms_out, vc_out, vs_out, *, b1, b2, eps, weight_decay,
             stochastic_rounding, tile, local, full):
   shape = (tile, WORDS, 4)
   shift = jax.lax.broadcasted_iota(jnp.int32, shape, 2) * 8
@@ -123,7 +142,7 @@ def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, p_ref, g_ref
     # One reciprocal per block rather than a division per element: normed may differ from
     # x / absmax by an ulp, which moves a code only where a value sits on a midpoint.
     normed = x * (1.0 / jnp.where(absmax > 0, absmax, 1.0))[:, None, None]
-    index = quant.nearest_code_index(normed, signed=signed)
+    index = _nearest_code(normed, segments_ref, signed)
     codes_out[...] = _pack(index - 128 if signed else index, shift)
     scales_out[...] = absmax
 
@@ -179,20 +198,20 @@ def update_leaf(p: jax.Array, g: jax.Array, mu: quant.QuantizedArray, nu: quant.
                              full=tuple(p.shape if full_shape is None else full_shape))
   new_p, mc, ms, vc, vs = pl.pallas_call(
       kernel, grid=(rows // tile,),
-      in_specs=[whole(4), whole(2), whole(256), whole(256), tiles, tiles, words, per_row, words,
-                per_row],
+      in_specs=[whole(4), whole(2), whole(256), whole(256), whole(128), tiles, tiles, words,
+                per_row, words, per_row],
       out_specs=[tiles, words, per_row, words, per_row],
       out_shape=[jax.ShapeDtypeStruct((rows, WORDS, 4), p.dtype),
                  jax.ShapeDtypeStruct((rows, WORDS), jnp.int32),
                  jax.ShapeDtypeStruct((rows,), jnp.float32),
                  jax.ShapeDtypeStruct((rows, WORDS), jnp.int32),
                  jax.ShapeDtypeStruct((rows,), jnp.float32)],
-      input_output_aliases={4: 0, 6: 1, 7: 2, 8: 3, 9: 4},
+      input_output_aliases={5: 0, 7: 1, 8: 2, 9: 3, 10: 4},
       interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
       name='adam8bit_update',
   )(floats, seeds, jnp.asarray(quant.dynamic_map(signed=True)),
-    jnp.asarray(quant.dynamic_map(signed=False)), as_rows(p), as_rows(g), as_words(mu.codes),
+    jnp.asarray(quant.dynamic_map(signed=False)), _segment_tables(), as_rows(p), as_rows(g), as_words(mu.codes),
     flat(mu.scales), as_words(nu.codes), flat(nu.scales))
   codes = lambda w, like: jax.lax.bitcast_convert_type(w, like.dtype).reshape(like.shape)  # noqa: E731
   return (new_p.reshape(p.shape),
