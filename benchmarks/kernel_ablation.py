@@ -8,7 +8,9 @@ variants of it in which one piece of work is replaced by a trivial stand-in (wro
 timing only), so each piece's cost is the difference to `kernel`:
 
   kernel          the kernel as trained with
-  search_<S>      the kernel with adam_kernel.SEARCH = S (how it finds each moment's nearest code)
+  search_decades  each moment's nearest code found as XLA's update finds it
+                  (`quantization.nearest_code_index`: decade constants selected, not looked up)
+  search_selects  the kernel's segment search with its constants selected, not looked up
   no_sr           round to nearest (no random bits, no rounding arithmetic)
   search_stub     each moment's nearest 8-bit code taken as a scaled truncation, not searched for
   hash_stub       the random bits taken from the element index, not hashed
@@ -26,6 +28,7 @@ update must move (params in and out, gradients, codes in and out) per second.
 import argparse
 import contextlib
 import datetime
+import functools
 import math
 import statistics
 import time
@@ -39,7 +42,18 @@ from gemma_sft_jax.training import quantization as quant
 from gemma_sft_jax.training import rounding
 
 
-def _search_stub(normed, *, signed):
+def _decades(normed, *, signed, lookup):
+  del lookup
+  return quant.nearest_code_index(normed, signed=signed)
+
+
+def _selects(normed, *, signed, lookup, search=quant.segment_code_index):
+  del lookup
+  return search(normed, signed=signed, lookup='selects')
+
+
+def _search_stub(normed, *, signed, lookup=None):
+  del lookup
   index = (normed * 127.0).astype(jnp.int32)
   return index + 128 if signed else index
 
@@ -91,14 +105,15 @@ def _patched(obj, name, value):
 def _variant(name):
   """(context manager patching the kernel's pieces, stochastic_rounding)."""
   stack = contextlib.ExitStack()
-  if name.startswith('search_') and name != 'search_stub':
-    stack.enter_context(_patched(adam_kernel, 'SEARCH', name[len('search_'):]))
+  if name == 'search_decades':
+    stack.enter_context(_patched(quant, 'segment_code_index', _decades))
+  if name == 'search_selects':
+    stack.enter_context(_patched(quant, 'segment_code_index', _selects))
   if name in ('search_stub', 'stubs'):
-    stack.enter_context(_patched(quant, 'nearest_code_index', _search_stub))
+    stack.enter_context(_patched(quant, 'segment_code_index', _search_stub))
   if name in ('hash_stub', 'stubs'):
     stack.enter_context(_patched(rounding, 'random_bits16', _hash_stub))
   if name in ('io', 'io_unpack'):
-    import functools  # pylint: disable=g-import-not-at-top
     stack.enter_context(_patched(adam_kernel, '_kernel', functools.partial(
         _io_kernel, unpack=name == 'io_unpack')))
   return stack, name != 'no_sr'
@@ -113,8 +128,8 @@ def main() -> None:
   parser.add_argument('--interpret', action='store_true',
                       help='run the Pallas interpreter (any backend; to check the script on CPU)')
   parser.add_argument('--variants',
-                      default='kernel,search_decades,search_segment_selects,search_segments,no_sr,search_stub,'
-                      'hash_stub,stubs,io,io_unpack,kernel')
+                      default='kernel,search_decades,search_selects,no_sr,search_stub,hash_stub,stubs,io,'
+                      'io_unpack,kernel')
   args = parser.parse_args()
   shape = tuple(int(s) for s in args.shape.split(','))
   n = math.prod(shape)

@@ -73,6 +73,50 @@ def test_nearest_code_index_equals_searchsorted_on_midpoints(signed):
   np.testing.assert_array_equal(got, np.searchsorted(mids, edge, side='left'))
 
 
+@pytest.mark.parametrize('lookup', [None, 'selects'])
+@pytest.mark.parametrize('signed', [True, False])
+def test_segment_code_index_equals_searchsorted_on_midpoints(signed, lookup):
+  """The update kernel's search (segments: eight comparisons, three per-segment constants) is
+  searchsorted on the map's midpoints, exactly, except within a float32 ulp of a midpoint (a tie
+  up to rounding, exact ties included), where it may pick the other neighbour; its constants
+  looked up or selected give the same indices."""
+  t = quant.dynamic_map(signed=signed)
+  mids = (t[:-1] + t[1:]) / 2
+  lo = -1.0 if signed else 0.0
+  rng = np.random.default_rng(1)
+  mag = 10.0 ** rng.uniform(-9, 0, 200_000)
+  parts = [np.linspace(lo, 1.0, 200_001), rng.uniform(lo, 1.0, 200_000),
+           mag * (rng.choice([-1, 1], mag.size) if signed else 1),
+           mids, np.nextafter(mids, 2), np.nextafter(mids, -2), t, np.nextafter(t, 2),
+           np.nextafter(t, -2), quant.code_segments(signed=signed).thresholds,
+           [0.0, -0.0, 1.0] + [10.0 ** -k for k in range(8)]]
+  x = np.clip(np.concatenate([np.asarray(p, np.float32) for p in parts]), lo, 1.0)
+  if signed:
+    x = np.concatenate([x, -x])
+  got = np.asarray(jax.jit(lambda v: quant.segment_code_index(v, signed=signed, lookup=lookup))(x))
+  want = np.searchsorted(mids, x, side='left')
+  a = np.abs(x)
+  nearest_mid = mids[np.clip(np.searchsorted(mids, a), 1, 254)[:, None] + np.array([-1, 0])]
+  tie = np.min(np.abs(nearest_mid - a[:, None]), axis=1) <= np.spacing(a)
+  np.testing.assert_array_equal(got[~tie], want[~tie])
+  assert np.all(np.abs(got[tie] - want[tie]) <= 1)
+  assert tie.sum() < 0.01 * x.size and np.sum(got != want) < tie.sum()
+  assert got.min() == 0 and got.max() == 255
+
+
+def test_code_segments_cover_the_map():
+  """Each segment's first index and `last` span exactly the codes between its thresholds."""
+  for signed in (True, False):
+    t = quant.dynamic_map(signed=signed)
+    seg = quant.code_segments(signed=signed)
+    bounds = np.concatenate([[0.0], seg.thresholds, [1.0]])
+    for s in range(9):
+      first = quant.segment_first_index(s, signed=signed)
+      last = first + int(seg.tables[2, s])
+      inside = np.nonzero((t > bounds[s] if s else t >= 0) & (t <= bounds[s + 1]))[0]
+      assert (inside[0], inside[-1]) == (first, last), (signed, s)
+
+
 def _data(kind: str, shape, rng):
   if kind == 'normal':
     return rng.normal(size=shape)

@@ -49,7 +49,6 @@ BLOCK = quant.BLOCK_SIZE
 WORDS = BLOCK // 4  # a block's 8-bit codes as int32 words
 TILE_ROWS = 4  # rows (quantisation blocks) per program
 NUM_WARPS = 4
-SEARCH = 'segments'  # nearest-code search: 'segments' (looked up), 'segment_selects', 'decades'
 
 
 def applicable(shape: tuple[int, ...], mu: Any, nu: Any, *, block_size: int) -> bool:
@@ -101,11 +100,7 @@ def _segment_tables() -> jax.Array:
 
 
 def _nearest_code(normed, segments_ref, signed):
-  if SEARCH == 'decades':
-    return quant.nearest_code_index(normed, signed=signed)
-  if SEARCH == 'segment_selects':
-    return quant.segment_code_index(normed, signed=signed, lookup='selects')
-  base = 0 if signed else 48
+  base = 0 if signed else 48  # _segment_tables' layout
   return quant.segment_code_index(
       normed, signed=signed, lookup=lambda k, s: segments_ref[s + (base + 16 * k)])
 

@@ -234,7 +234,7 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SI
   if absmax is None:
     absmax = block_absmax(x, block_size=block_size)
   normed = xb / jnp.where(absmax > 0, absmax, 1.0)[..., None]
-  index = nearest_code_index(normed, signed=signed)
+  index = segment_code_index(normed, signed=signed, lookup="selects")
   index = index.reshape(*lead, nb * block_size)[..., :n]
   codes = (index - _code_offset(signed)).astype(jnp.int8 if signed else jnp.uint8)
   return QuantizedArray(codes=codes, scales=absmax)
