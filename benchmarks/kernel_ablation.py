@@ -8,9 +8,8 @@ variants of it in which one piece of work is replaced by a trivial stand-in (wro
 timing only), so each piece's cost is the difference to `kernel`:
 
   kernel          the kernel as trained with
-  search_decades  each moment's nearest code found as XLA's update finds it
-                  (`quantization.nearest_code_index`: decade constants selected, not looked up)
-  search_selects  the kernel's segment search with its constants selected, not looked up
+  search_selects  each moment's nearest code found with its segment's constants selected by
+                  comparisons (as XLA's update does), not looked up
   no_sr           round to nearest (no random bits, no rounding arithmetic)
   search_stub     each moment's nearest 8-bit code taken as a scaled truncation, not searched for
   hash_stub       the random bits taken from the element index, not hashed
@@ -42,14 +41,9 @@ from gemma_sft_jax.training import quantization as quant
 from gemma_sft_jax.training import rounding
 
 
-def _decades(normed, *, signed, lookup):
+def _selects(normed, *, signed, lookup, search=quant.nearest_code_index):
   del lookup
-  return quant.nearest_code_index(normed, signed=signed)
-
-
-def _selects(normed, *, signed, lookup, search=quant.segment_code_index):
-  del lookup
-  return search(normed, signed=signed, lookup='selects')
+  return search(normed, signed=signed)
 
 
 def _search_stub(normed, *, signed, lookup=None):
@@ -105,12 +99,10 @@ def _patched(obj, name, value):
 def _variant(name):
   """(context manager patching the kernel's pieces, stochastic_rounding)."""
   stack = contextlib.ExitStack()
-  if name == 'search_decades':
-    stack.enter_context(_patched(quant, 'segment_code_index', _decades))
   if name == 'search_selects':
-    stack.enter_context(_patched(quant, 'segment_code_index', _selects))
+    stack.enter_context(_patched(quant, 'nearest_code_index', _selects))
   if name in ('search_stub', 'stubs'):
-    stack.enter_context(_patched(quant, 'segment_code_index', _search_stub))
+    stack.enter_context(_patched(quant, 'nearest_code_index', _search_stub))
   if name in ('hash_stub', 'stubs'):
     stack.enter_context(_patched(rounding, 'random_bits16', _hash_stub))
   if name in ('io', 'io_unpack'):
@@ -128,7 +120,7 @@ def main() -> None:
   parser.add_argument('--interpret', action='store_true',
                       help='run the Pallas interpreter (any backend; to check the script on CPU)')
   parser.add_argument('--variants',
-                      default='kernel,search_decades,search_selects,no_sr,search_stub,hash_stub,stubs,io,'
+                      default='kernel,search_selects,no_sr,search_stub,hash_stub,stubs,io,'
                       'io_unpack,kernel')
   args = parser.parse_args()
   shape = tuple(int(s) for s in args.shape.split(','))

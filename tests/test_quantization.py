@@ -38,48 +38,14 @@ def test_dynamic_maps_structure_and_spacing():
   np.testing.assert_allclose(_worst_case_error(unsigned, 0.0), 0.9 / 256, rtol=1e-5)
 
 
+@pytest.mark.parametrize('lookup', ['selected', 'looked_up'])
 @pytest.mark.parametrize('signed', [True, False])
-def test_nearest_code_index_equals_searchsorted_on_midpoints(signed):
-  """The arithmetic nearest code is searchsorted on the map's midpoints, exactly, except at
-  values within a few float32 ulps of a midpoint inside a decade (a tie up to rounding), where
-  it may pick the other neighbour; decade boundaries and the top code are exact."""
-  t = quant.dynamic_map(signed=signed)
-  mids = (t[:-1] + t[1:]) / 2
-  lo = -1.0 if signed else 0.0
-  rng = np.random.default_rng(0)
-  mag = 10.0 ** rng.uniform(-9, 0, 200_000)  # every decade, and below the smallest code
-  parts = [np.linspace(lo, 1.0, 200_001), rng.uniform(lo, 1.0, 200_000),
-           mag * (rng.choice([-1, 1], mag.size) if signed else 1),
-           mids, np.nextafter(mids, 2), np.nextafter(mids, -2), t, np.nextafter(t, 2),
-           np.nextafter(t, -2), [0.0, -0.0] + [10.0 ** -k for k in range(8)]]
-  x = np.clip(np.concatenate([np.asarray(p, np.float32) for p in parts]), lo, 1.0)
-  if signed:
-    x = np.concatenate([x, -x])
-  got = np.asarray(jax.jit(lambda v: quant.nearest_code_index(v, signed=signed))(x))
-  want = np.searchsorted(mids, x, side='left')
-  nearest_mid = mids[np.clip(np.searchsorted(mids, np.abs(x) if signed else x), 1, 254)[:, None]
-                     + np.array([-1, 0])]
-  gap = np.min(np.abs(nearest_mid - (np.abs(x) if signed else x)[:, None]), axis=1)
-  tie = gap <= 4 * np.spacing(np.abs(x).astype(np.float32))
-  np.testing.assert_array_equal(got[~tie], want[~tie])
-  assert np.all(np.abs(got[tie] - want[tie]) <= 1)
-  assert tie.sum() < 0.01 * x.size and np.sum(got != want) < tie.sum()
-  # Decade boundaries and the ends: exact even at ties.
-  magnitude = np.floor(np.log10(np.maximum(np.abs(t), 1e-30)))
-  firsts = [i for i in range(1, 255) if magnitude[i] != magnitude[i - 1]]
-  edge = np.concatenate([mids[[f - 1 for f in firsts] + [254]], [0.0, 1.0]]).astype(np.float32)
-  edge = np.concatenate([edge, np.nextafter(edge, 2), np.nextafter(edge, -2)]).clip(lo, 1.0)
-  got = np.asarray(quant.nearest_code_index(jnp.asarray(edge), signed=signed))
-  np.testing.assert_array_equal(got, np.searchsorted(mids, edge, side='left'))
-
-
-@pytest.mark.parametrize('lookup', [None, 'selects'])
-@pytest.mark.parametrize('signed', [True, False])
-def test_segment_code_index_equals_searchsorted_on_midpoints(signed, lookup):
-  """The update kernel's search (segments: eight comparisons, three per-segment constants) is
-  searchsorted on the map's midpoints, exactly, except within a float32 ulp of a midpoint (a tie
-  up to rounding, exact ties included), where it may pick the other neighbour; its constants
-  looked up or selected give the same indices."""
+def test_nearest_code_index_equals_searchsorted_on_midpoints(signed, lookup):
+  """The nearest code (eight comparisons give the segment, three per-segment constants the
+  index) is searchsorted on the map's midpoints, exactly, except within a float32 ulp of a
+  midpoint (a tie up to rounding, exact ties included), where it may pick the other neighbour.
+  Its constants selected by the comparisons (XLA's update) or looked up by segment (the
+  kernel's) give the same indices."""
   t = quant.dynamic_map(signed=signed)
   mids = (t[:-1] + t[1:]) / 2
   lo = -1.0 if signed else 0.0
@@ -93,7 +59,9 @@ def test_segment_code_index_equals_searchsorted_on_midpoints(signed, lookup):
   x = np.clip(np.concatenate([np.asarray(p, np.float32) for p in parts]), lo, 1.0)
   if signed:
     x = np.concatenate([x, -x])
-  got = np.asarray(jax.jit(lambda v: quant.segment_code_index(v, signed=signed, lookup=lookup))(x))
+  tables = jnp.asarray(quant.code_segments(signed=signed).tables)
+  find = {'selected': None, 'looked_up': lambda k, s: tables[k][s]}[lookup]
+  got = np.asarray(jax.jit(lambda v: quant.nearest_code_index(v, signed=signed, lookup=find))(x))
   want = np.searchsorted(mids, x, side='left')
   a = np.abs(x)
   nearest_mid = mids[np.clip(np.searchsorted(mids, a), 1, 254)[:, None] + np.array([-1, 0])]

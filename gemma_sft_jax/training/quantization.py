@@ -66,59 +66,8 @@ def num_blocks(n: int, block_size: int) -> int:
   return -(-n // block_size)
 
 
-def nearest_code_index(normed: jax.Array, *, signed: bool) -> jax.Array:
-  """Index (into `dynamic_map(signed)`) of the code nearest to each value in [-1, 1] / [0, 1].
-
-  `searchsorted(midpoints, normed, side='left')` (the tested reference) computed arithmetically,
-  with no table lookups, so that XLA keeps it inside the update's elementwise fusion: six
-  comparisons with the decade edges select the decade's constants, the code's linear position
-  in its decade gives the candidate, and two comparisons with exact midpoints settle the decade's
-  lower boundary and the top code (1.0). Inside a decade the candidate is the nearest code except
-  where a value lies within float rounding of a midpoint, where either neighbour may be chosen.
-
-  Args:
-    normed: values divided by their block absmax.
-    signed: which map.
-
-  Returns:
-    int32 indices in [0, 255].
-  """
-  table = dynamic_map(signed=signed)
-  midpoints = (table[:-1] + table[1:]) / 2
-  a = jnp.abs(normed) if signed else normed
-  first_positive = 128 if signed else 1
-  lead = 0 if signed else 1  # the unsigned map has twice the codes per decade
-
-  def decade_constants(i):  # decade i holds codes 10^(i-6) · [0.1, 1)
-    parts = 2 ** (i + lead)
-    first = first_positive + parts - (1 if signed else 2)  # index of its smallest code
-    return (np.float32(10.0 ** (6 - i)), np.float32(parts / 0.9), parts, first,
-            np.float32(midpoints[first - 1]))
-
-  inv_scale, per_unit, parts, first, low_mid = (jnp.asarray(c) for c in decade_constants(0))
-  for i in range(1, 7):
-    up = a >= np.float32(10.0 ** (i - 7))
-    inv_scale, per_unit, parts, first, low_mid = (
-        jnp.where(up, c, x) for c, x in zip(decade_constants(i),
-                                             (inv_scale, per_unit, parts, first, low_mid)))
-  frac = jnp.floor((a * inv_scale - np.float32(0.1)) * per_unit).astype(jnp.int32)
-  top = np.float32(midpoints[254])
-  # An exact tie goes to the lower index, as searchsorted(side='left') does: for negatives,
-  # mirrored below, that is the larger magnitude.
-  neg = normed < 0 if signed else False
-  below = jnp.where(neg, a < low_mid, a <= low_mid)
-  over = jnp.where(neg, a >= top, a > top)
-  index = (first + jnp.clip(frac, 0, parts - 1) - below.astype(jnp.int32)
-           + over.astype(jnp.int32))
-  if signed:
-    # Negative codes mirror the positive ones around 0 (index 127), except that there is no
-    # -1.0: the most negative code is the mirror of 0.99297.
-    index = jnp.where(normed < 0, 254 - jnp.minimum(index, 254), index)
-  return index.astype(jnp.int32)
-
-
 class CodeSegments(NamedTuple):
-  """The non-negative half of a dynamic map as nine linear segments, for `segment_code_index`.
+  """The non-negative half of a dynamic map as nine linear segments, for `nearest_code_index`.
 
   Segment s holds the values in (thresholds[s - 1], thresholds[s]] (s = 0: from 0; s = 8: up to
   1): the zero code, the seven decades, the top code 1.0. The thresholds are the midpoints
@@ -159,33 +108,33 @@ def segment_first_index(s, *, signed: bool):
   return (1 << s) - 1
 
 
-def segment_code_index(normed: jax.Array, *, signed: bool, lookup=None) -> jax.Array:
-  """`nearest_code_index` in fewer operations, for the Pallas update kernel.
+def nearest_code_index(normed: jax.Array, *, signed: bool, lookup=None) -> jax.Array:
+  """Index (into `dynamic_map(signed)`) of the code nearest to each value in [-1, 1] / [0, 1].
 
-  Eight comparisons with `code_segments` thresholds count the segment s a value lies in; three
-  per-segment constants, looked up by s, then give the code's index with one multiply-add, a
-  floor and a min. (`nearest_code_index` selects five decade constants through six comparisons,
-  about twice the operations; XLA keeps it inside its fusion, where lookups would break the
-  fusion.) Both equal searchsorted on the midpoints except within float rounding of a midpoint,
-  where either neighbour may come out (here exact ties included).
+  `searchsorted(midpoints, normed, side='left')` (the tested reference) computed in a few
+  operations: eight comparisons with the `code_segments` thresholds give the segment s a value
+  lies in (the zero code, one of the seven decades, the top code); the segment's three
+  constants then give the index with one multiply-add, a floor and a min. Equal to the
+  reference except within float rounding of a midpoint (ties included), where either
+  neighbour may come out.
 
   Args:
     normed: values divided by their block absmax.
     signed: which map.
-    lookup: `lookup(k, s)` -> row k (0: slope, 1: offset, 2: last) of `code_segments(signed)
-      .tables` at the int32 segment indices s. Default: take from the table (any backend); the
-      kernel passes a lookup into its own input.
+    lookup: how the constants are found. None: each selected by the comparisons (XLA keeps
+      that inside the update's elementwise fusion, where a table lookup would split it).
+      Otherwise `lookup(k, s)` -> row k (0: slope, 1: offset, 2: last) of `code_segments(signed)
+      .tables` at the int32 segments s: the Pallas kernel loads them from a small table, which
+      costs fewer operations than the selects.
 
   Returns:
     int32 indices in [0, 255].
   """
   segments = code_segments(signed=signed)
-  if lookup is None:
-    lookup = lambda k, s: jnp.asarray(segments.tables[k])[s]  # noqa: E731
   a = jnp.abs(normed) if signed else normed
   above = [a > t for t in segments.thresholds]
   s = sum(x.astype(jnp.int32) for x in above)
-  if lookup == 'selects':
+  if lookup is None:
     consts = []
     for row in segments.tables:
       c = jnp.float32(row[0])
@@ -198,7 +147,8 @@ def segment_code_index(normed: jax.Array, *, signed: bool, lookup=None) -> jax.A
   index = (segment_first_index(s, signed=signed)
            + jnp.minimum(jnp.floor(a * slope + offset), last).astype(jnp.int32))
   if signed:
-    # Negative codes mirror the positive ones (there is no -1.0: see nearest_code_index).
+    # Negative codes mirror the positive ones around 0 (index 127), except that there is no
+    # -1.0: the most negative code is the mirror of 0.99297.
     index = jnp.where(normed < 0, 254 - jnp.minimum(index, 254), index)
   return index
 
@@ -234,7 +184,7 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SI
   if absmax is None:
     absmax = block_absmax(x, block_size=block_size)
   normed = xb / jnp.where(absmax > 0, absmax, 1.0)[..., None]
-  index = segment_code_index(normed, signed=signed, lookup="selects")
+  index = nearest_code_index(normed, signed=signed)
   index = index.reshape(*lead, nb * block_size)[..., :n]
   codes = (index - _code_offset(signed)).astype(jnp.int8 if signed else jnp.uint8)
   return QuantizedArray(codes=codes, scales=absmax)
