@@ -56,6 +56,10 @@ declare -A V=(
   # 9B full SFT saving one of the two widest projections too (the default recomputes both).
   [9b_full_save_gate]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,gate_proj --breakdown"
   [9b_full_save_up]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,up_proj --breakdown"
+  # LoRA saving each projection's output (base + adapter) by name, not every dot ('dots' keeps
+  # the base matmul's and the adapter's outputs apart: twice the memory).
+  [9b_lora_save_projections]="$L9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --breakdown"
+  [9b_lora_dots]="$L9B $B8 --config.model.remat=dots --breakdown"
   [2b_full_int8_states_xla_update]="$G2B $B8 --config.optim.state_dtype=int8 --config.optim.update_kernel=xla --breakdown"
   # The loss's logits recomputed in the backward pass (the default before save_loss_logits), or
   # kept where the config recomputes them.
