@@ -57,12 +57,12 @@ def _hash_stub(index, seed):
 
 
 def _io_kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, segments_ref, p_ref, g_ref,
-               mc_ref, ms_ref, vc_ref, vs_ref, p_out, mc_out, ms_out, vc_out, vs_out, *, unpack,
-               **unused):
+               mc_ref, ms_ref, vc_ref, vs_ref, p_out, mc_out, ms_out, vc_out, vs_out, *,
+               unpack_codes, **unused):
   del seed_ref, segments_ref, unused
   p = p_ref[...]
   g = g_ref[...]
-  if not unpack:
+  if not unpack_codes:
     p_out[...] = (p.astype(jnp.float32) + g.astype(jnp.float32) * floats_ref[0]).astype(p.dtype)
     mc_out[...] = mc_ref[...]
     vc_out[...] = vc_ref[...]
@@ -72,17 +72,16 @@ def _io_kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, segments_
   shape = p.shape
   shift = jax.lax.broadcasted_iota(jnp.int32, shape, 2) * 8
   gf = g.astype(jnp.float32) * floats_ref[0]
-  mu = (signed_map_ref[adam_kernel._unpack(mc_ref[...], shift, True) + 128]  # pylint: disable=protected-access
-        * ms_ref[...][:, None, None])
-  nu = (unsigned_map_ref[adam_kernel._unpack(vc_ref[...], shift, False)]  # pylint: disable=protected-access
-        * vs_ref[...][:, None, None])
+  unpack, pack = adam_kernel._unpack, adam_kernel._pack  # pylint: disable=protected-access
+  mu = signed_map_ref[unpack(mc_ref[...], shift, True) + 128] * ms_ref[...][:, None, None]
+  nu = unsigned_map_ref[unpack(vc_ref[...], shift, False)] * vs_ref[...][:, None, None]
   p_out[...] = (p.astype(jnp.float32) + gf).astype(p.dtype)
   for x, codes_out, scales_out, signed in ((mu + gf, mc_out, ms_out, True),
                                            (nu + gf, vc_out, vs_out, False)):
     absmax = jnp.max(jnp.max(jnp.abs(x), axis=2), axis=1)
     normed = x * (1.0 / jnp.where(absmax > 0, absmax, 1.0))[:, None, None]
     index = _search_stub(normed, signed=signed)
-    codes_out[...] = adam_kernel._pack(index - 128 if signed else index, shift)  # pylint: disable=protected-access
+    codes_out[...] = pack(index - 128 if signed else index, shift)
     scales_out[...] = absmax
 
 
@@ -107,7 +106,7 @@ def _variant(name):
     stack.enter_context(_patched(rounding, 'random_bits16', _hash_stub))
   if name in ('io', 'io_unpack'):
     stack.enter_context(_patched(adam_kernel, '_kernel', functools.partial(
-        _io_kernel, unpack=name == 'io_unpack')))
+        _io_kernel, unpack_codes=name == 'io_unpack')))
   return stack, name != 'no_sr'
 
 

@@ -108,8 +108,8 @@ def _nearest_code(normed, segments_ref, signed):
 
 
 def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, segments_ref, p_ref, g_ref,
-            mc_ref, ms_ref, vc_ref, vs_ref, p_out, mc_out, ms_out, vc_out, vs_out, *, b1, b2, eps, weight_decay,
-            stochastic_rounding, tile, local, full):
+            mc_ref, ms_ref, vc_ref, vs_ref, p_out, mc_out, ms_out, vc_out, vs_out, *, b1, b2, eps,
+            weight_decay, stochastic_rounding, tile, local, full):
   shape = (tile, WORDS, 4)
   shift = jax.lax.broadcasted_iota(jnp.int32, shape, 2) * 8
   grad_scale, lr, inv_bc1, inv_bc2 = (floats_ref[i] for i in range(4))
@@ -208,8 +208,8 @@ def update_leaf(p: jax.Array, g: jax.Array, mu: quant.QuantizedArray, nu: quant.
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
       name='adam8bit_update',
   )(floats, seeds, jnp.asarray(quant.dynamic_map(signed=True)),
-    jnp.asarray(quant.dynamic_map(signed=False)), _segment_tables(), as_rows(p), as_rows(g), as_words(mu.codes),
-    flat(mu.scales), as_words(nu.codes), flat(nu.scales))
+    jnp.asarray(quant.dynamic_map(signed=False)), _segment_tables(), as_rows(p), as_rows(g),
+    as_words(mu.codes), flat(mu.scales), as_words(nu.codes), flat(nu.scales))
   codes = lambda w, like: jax.lax.bitcast_convert_type(w, like.dtype).reshape(like.shape)  # noqa: E731
   return (new_p.reshape(p.shape),
           quant.QuantizedArray(codes(mc, mu.codes), ms.reshape(mu.scales.shape)),
