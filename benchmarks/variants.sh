@@ -60,6 +60,8 @@ declare -A V=(
   # the base matmul's and the adapter's outputs apart: twice the memory).
   [9b_lora_save_projections]="$L9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --breakdown"
   [9b_lora_dots]="$L9B $B8 --config.model.remat=dots --breakdown"
+  [2b_lora]="--config=configs/gemma2.py:size=2b,method=lora $B8"
+  [2b_lora_dots]="--config=configs/gemma2.py:size=2b,method=lora $B8 --config.model.remat=dots"
   [2b_full_int8_states_xla_update]="$G2B $B8 --config.optim.state_dtype=int8 --config.optim.update_kernel=xla --breakdown"
   # The loss's logits recomputed in the backward pass (the default before save_loss_logits), or
   # kept where the config recomputes them.
