@@ -245,6 +245,8 @@ def remat_policy(remat: str) -> Any:
   'full' saves only each layer's input, 'dots' every projection's output, and
   'save:NAME,...' the outputs of the named projections (PROJECTIONS), e.g. all but the two
   widest, 'save:q_proj,k_proj,v_proj,o_proj,down_proj', to trade compute for memory in between.
+  Under LoRA a projection is two matmuls (base and adapter) whose outputs 'dots' keeps apart;
+  naming all seven projections keeps their sum once, half the memory.
   """
   if remat.startswith('save:'):
     names = tuple(n for n in remat[len('save:'):].split(',') if n)
