@@ -73,7 +73,8 @@ def _io_kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, segments_
   shift = jax.lax.broadcasted_iota(jnp.int32, shape, 2) * 8
   gf = g.astype(jnp.float32) * floats_ref[0]
   unpack, pack = adam_kernel._unpack, adam_kernel._pack  # pylint: disable=protected-access
-  mu = signed_map_ref[unpack(mc_ref[...], shift, True) + 128] * ms_ref[...][:, None, None]
+  mu = (signed_map_ref[unpack(mc_ref[...], shift, True) + quant.code_offset(True)]
+        * ms_ref[...][:, None, None])
   nu = unsigned_map_ref[unpack(vc_ref[...], shift, False)] * vs_ref[...][:, None, None]
   p_out[...] = (p.astype(jnp.float32) + gf).astype(p.dtype)
   for x, codes_out, scales_out, signed in ((mu + gf, mc_out, ms_out, True),
@@ -81,7 +82,7 @@ def _io_kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, segments_
     absmax = jnp.max(jnp.max(jnp.abs(x), axis=2), axis=1)
     normed = x * (1.0 / jnp.where(absmax > 0, absmax, 1.0))[:, None, None]
     index = _search_stub(normed, signed=signed)
-    codes_out[...] = pack(index - 128 if signed else index, shift)
+    codes_out[...] = pack(index - quant.code_offset(signed), shift)
     scales_out[...] = absmax
 
 

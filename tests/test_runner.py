@@ -108,7 +108,7 @@ def test_library_info_chatter_is_dropped_and_warnings_kept():
   assert quiet.filter(record('/repo/gemma_sft_jax/training/train.py', logging_std.INFO))
 
 
-def test_benchmark_refuses_a_step_whose_loss_is_not_finite(tmp_path):
+def test_benchmark_refuses_a_step_whose_loss_is_not_finite(tmp_path, env):
   """A broken step can run fast: a benchmark whose loss ends NaN or inf fails and writes no line
   (here an LR of 1e30 sends the weights, then the loss, to inf)."""
   out = tmp_path / 'bench.jsonl'
@@ -116,7 +116,7 @@ def test_benchmark_refuses_a_step_whose_loss_is_not_finite(tmp_path):
       [sys.executable, '-m', 'gemma_sft_jax.benchmark', '--config=configs/tiny.py:family=gemma2',
        '--steps=2', '--config.optim.lr=1e30', '--config.optim.warmup_steps=0',
        '--config.optim.clip_norm=0', f'--output={out}'],
-      cwd=ROOT, env=cli_env(str(tmp_path / 'xla')), capture_output=True, text=True, timeout=300)
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert 'the step is broken' in proc.stderr, proc.stderr[-2000:]
   assert not out.exists()

@@ -8,13 +8,14 @@ elements (one quantisation block per row): it reads the param, the gradient and 
 codes and scales once, reduces each row's absmax in registers, and writes the new param, codes
 and scales in place. No temporaries, no blocks, no second pass.
 
-The maths is `update.make_update`'s, written with the same functions: the moments are
+The maths is `update.make_update`'s, through the same functions: the moments are
 dequantised by looking the codes up in `quantization.dynamic_map` (passed in as two 256-entry
-tables), requantised with `quantization.nearest_code_index` (its per-segment constants loaded
-from a third small table, which takes fewer operations than XLA's selects: the search was half
-the kernel's time before), and bf16 params are rounded with
-`rounding.stochastic_round_to_bf16` under the bits of `rounding.random_bits16` of each element's
-row-major index, so the random bits are those of the XLA path. Results equal the XLA path's up
+tables), updated with `optimizer.new_moments`, `direction` and `apply_direction`, requantised
+with `quantization.nearest_code_index` (its per-segment constants loaded from a third small
+table, which takes fewer operations than XLA's selects: the search was half the kernel's time
+before), and bf16 params are rounded with `rounding.stochastic_round_to_bf16` under the bits
+of `rounding.random_bits16` of each element's row-major index, so the random bits are those of
+the XLA path. Results equal the XLA path's up
 to float rounding (a requantised code can flip at a midpoint; tests/test_adam_kernel.py): the
 kernel normalises a block by multiplying with its absmax's reciprocal where XLA divides.
 
@@ -44,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from gemma_sft_jax.training import optimizer
 from gemma_sft_jax.training import quantization as quant
 from gemma_sft_jax.training import rounding
 
@@ -94,17 +96,20 @@ def _pack(codes: jax.Array, shift: jax.Array) -> jax.Array:
   return jnp.sum(jax.lax.shift_left(codes & 0xFF, shift), axis=2)
 
 
+SEGMENT_TABLE = 128  # both maps' segment tables, flat, padded to a power of two (Triton blocks)
+
+
 def _segment_tables() -> jax.Array:
-  """Both maps' `quantization.code_segments` tables, flat: [signed, unsigned] x [3, 16], padded
-  to 128 entries."""
-  flat = [quant.code_segments(signed=s).tables.reshape(-1) for s in (True, False)]
-  return jnp.pad(jnp.asarray(np.concatenate(flat)), (0, 128 - 96))
+  """Both maps' `quantization.code_segments` tables, flat: [signed, unsigned] x [3, 16]."""
+  flat = np.concatenate([quant.code_segments(signed=s).tables.reshape(-1) for s in (True, False)])
+  return jnp.pad(jnp.asarray(flat), (0, SEGMENT_TABLE - flat.size))
 
 
 def _nearest_code(normed, segments_ref, signed):
-  base = 0 if signed else 48  # _segment_tables' layout
+  rows, row = quant.code_segments(signed=signed).tables.shape  # _segment_tables' layout
+  base = 0 if signed else rows * row
   return quant.nearest_code_index(
-      normed, signed=signed, lookup=lambda k, s: segments_ref[s + (base + 16 * k)])
+      normed, signed=signed, lookup=lambda k, s: segments_ref[s + (base + row * k)])
 
 
 def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, segments_ref, p_ref, g_ref,
@@ -114,17 +119,14 @@ def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, segments_ref
   shift = jax.lax.broadcasted_iota(jnp.int32, shape, 2) * 8
   grad_scale, lr, inv_bc1, inv_bc2 = (floats_ref[i] for i in range(4))
   g = g_ref[...].astype(jnp.float32) * grad_scale
-  mu = (signed_map_ref[_unpack(mc_ref[...], shift, True) + 128]
+  mu = (signed_map_ref[_unpack(mc_ref[...], shift, True) + quant.code_offset(True)]
         * ms_ref[...][:, None, None])
   nu = unsigned_map_ref[_unpack(vc_ref[...], shift, False)] * vs_ref[...][:, None, None]
-  # optimizer.adam_leaf, term for term.
-  m = b1 * mu + (1.0 - b1) * g
-  v = b2 * nu + (1.0 - b2) * jnp.square(g)
-  u = (m * inv_bc1) / (jnp.sqrt(v * inv_bc2) + eps)
-  p = p_ref[...].astype(jnp.float32)
-  if weight_decay:
-    u = u + weight_decay * p
-  new = p + -(lr * u)
+  # optimizer.adam_leaf's arithmetic, through the same functions.
+  m, v = optimizer.new_moments(g, mu, nu, b1=b1, b2=b2)
+  u = optimizer.direction(m, v, eps=eps, inv_bc=(inv_bc1, inv_bc2))
+  new = optimizer.apply_direction(p_ref[...].astype(jnp.float32), u, lr=lr,
+                                  weight_decay=weight_decay)
   if stochastic_rounding and p_out.dtype == jnp.bfloat16:
     rows = (jax.lax.broadcasted_iota(jnp.uint32, (tile,), 0)
             + (pl.program_id(0) * tile).astype(jnp.uint32))
@@ -140,7 +142,7 @@ def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, segments_ref
     # x / absmax by an ulp, which moves a code only where a value sits on a midpoint.
     normed = x * (1.0 / jnp.where(absmax > 0, absmax, 1.0))[:, None, None]
     index = _nearest_code(normed, segments_ref, signed)
-    codes_out[...] = _pack(index - 128 if signed else index, shift)
+    codes_out[...] = _pack(index - quant.code_offset(signed), shift)
     scales_out[...] = absmax
 
 
@@ -195,8 +197,8 @@ def update_leaf(p: jax.Array, g: jax.Array, mu: quant.QuantizedArray, nu: quant.
                              full=tuple(p.shape if full_shape is None else full_shape))
   new_p, mc, ms, vc, vs = pl.pallas_call(
       kernel, grid=(rows // tile,),
-      in_specs=[whole(4), whole(2), whole(256), whole(256), whole(128), tiles, tiles, words,
-                per_row, words, per_row],
+      in_specs=[whole(4), whole(2), whole(256), whole(256), whole(SEGMENT_TABLE), tiles, tiles,
+                words, per_row, words, per_row],
       out_specs=[tiles, words, per_row, words, per_row],
       out_shape=[jax.ShapeDtypeStruct((rows, WORDS, 4), p.dtype),
                  jax.ShapeDtypeStruct((rows, WORDS), jnp.int32),

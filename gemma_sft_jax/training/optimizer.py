@@ -83,7 +83,7 @@ def adam_leaf(g: jax.Array, mu: Any, nu: Any, *, b1: float, b2: float, eps: floa
   """
   m, v = _new_moments(g, mu, nu, b1=b1, b2=b2, block_size=block_size)
   # Scalar reciprocals: one multiplication per element instead of a division.
-  u = (m * (1.0 / bc[0])) / (jnp.sqrt(v * (1.0 / bc[1])) + eps)
+  u = direction(m, v, eps=eps, inv_bc=(1.0 / bc[0], 1.0 / bc[1]))
   am, av = absmax if absmax is not None else (None, None)
   return u, store_moment(m, mu, block_size=block_size, absmax=am), store_moment(
       v, nu, block_size=block_size, absmax=av)
@@ -103,9 +103,30 @@ def moment_absmax(g: jax.Array, mu: Any, nu: Any, *, b1: float, b2: float,
 
 
 def _new_moments(g, mu, nu, *, b1, b2, block_size):
-  m = b1 * load_moment(mu, block_size=block_size) + (1.0 - b1) * g
-  v = b2 * load_moment(nu, block_size=block_size) + (1.0 - b2) * jnp.square(g)
-  return m, v
+  return new_moments(g, load_moment(mu, block_size=block_size),
+                     load_moment(nu, block_size=block_size), b1=b1, b2=b2)
+
+
+# The arithmetic of one step on fp32 values, also written into the GPU kernel (`adam_kernel`).
+
+def new_moments(g: jax.Array, mu: jax.Array, nu: jax.Array, *, b1: float, b2: float
+                ) -> tuple[jax.Array, jax.Array]:
+  """Adam's new moments from the fp32 gradient and the fp32 (loaded) old moments."""
+  return b1 * mu + (1.0 - b1) * g, b2 * nu + (1.0 - b2) * jnp.square(g)
+
+
+def direction(m: jax.Array, v: jax.Array, *, eps: float, inv_bc: tuple[Any, Any]) -> jax.Array:
+  """Adam's update direction; `inv_bc` are the reciprocal bias corrections 1 / (1 - b^t)."""
+  return (m * inv_bc[0]) / (jnp.sqrt(v * inv_bc[1]) + eps)
+
+
+def apply_direction(p: jax.Array, u: jax.Array, *, lr: jax.Array, weight_decay: float
+                    ) -> jax.Array:
+  """The new fp32 param: decoupled weight decay added to the direction, then the chain's order
+  (scale by LR, negate, add). `weight_decay` is 0 for leaves that are not decayed."""
+  if weight_decay:
+    u = u + weight_decay * p
+  return p + -(lr * u)
 
 
 # ---- Adam with 8-bit / bf16 / fp32 moments. -----------------------------------------------------

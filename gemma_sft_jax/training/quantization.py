@@ -50,7 +50,7 @@ def dynamic_map(*, signed: bool) -> np.ndarray:
   return table
 
 
-def _code_offset(signed: bool) -> int:
+def code_offset(signed: bool) -> int:
   # int8 codes are table indices shifted by -128 (so they fit a signed byte); uint8 codes are
   # the indices themselves.
   return 128 if signed else 0
@@ -186,7 +186,7 @@ def quantize_blockwise(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SI
   normed = xb / jnp.where(absmax > 0, absmax, 1.0)[..., None]
   index = nearest_code_index(normed, signed=signed)
   index = index.reshape(*lead, nb * block_size)[..., :n]
-  codes = (index - _code_offset(signed)).astype(jnp.int8 if signed else jnp.uint8)
+  codes = (index - code_offset(signed)).astype(jnp.int8 if signed else jnp.uint8)
   return QuantizedArray(codes=codes, scales=absmax)
 
 
@@ -194,13 +194,13 @@ def dequantize_blockwise(q: QuantizedArray, *, block_size: int = BLOCK_SIZE) -> 
   """The float32 values of a QuantizedArray (the map follows from the code dtype)."""
   signed = q.codes.dtype == jnp.int8
   table = jnp.asarray(dynamic_map(signed=signed))
-  values = table[q.codes.astype(jnp.int32) + _code_offset(signed)]
+  values = table[q.codes.astype(jnp.int32) + code_offset(signed)]
   n = q.codes.shape[-1]
   return values * jnp.repeat(q.scales, block_size, axis=-1)[..., :n]
 
 
 def zero_quantized(shape: tuple[int, ...], *, signed: bool, block_size: int) -> QuantizedArray:
-  zero_code = int(np.searchsorted(dynamic_map(signed=signed), 0.0)) - _code_offset(signed)
+  zero_code = int(np.searchsorted(dynamic_map(signed=signed), 0.0)) - code_offset(signed)
   return QuantizedArray(
       codes=jnp.full(shape, zero_code, jnp.int8 if signed else jnp.uint8),
       scales=jnp.zeros((*shape[:-1], num_blocks(shape[-1], block_size)), jnp.float32))

@@ -188,10 +188,8 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
         g, mu, nu, absmax = _barrier((g, mu, nu, absmax))
       u, mu, nu = optimizer.adam_leaf(prepare(g), mu, nu, b1=b1, b2=b2, eps=eps, bc=bc,
                                       block_size=block_size, absmax=absmax)
-      p32 = p.astype(jnp.float32)
-      if decay and weight_decay:
-        u = u + weight_decay * p32
-      new = p32 + -(lr * u)  # The chain's order: scale by LR, negate, add.
+      new = optimizer.apply_direction(p.astype(jnp.float32), u, lr=lr,
+                                      weight_decay=weight_decay if decay else 0.0)
       if stochastic_rounding and p.dtype == jnp.bfloat16:
         bits = rounding.random_bits16(rounding.element_index(p.shape, offset), seed_leaf)
         new = rounding.stochastic_round_to_bf16(new, bits)
