@@ -37,6 +37,10 @@ declare -A V=(
   [9b_lora]="$L9B $B8"
   [9b_lora_unrolled]="$L9B $B8 $UNROLLED"
   [9b_full]="$F9B $B8 --breakdown"
+  # Attention: the einsum path instead of the flash kernels ('auto' takes them on GPU).
+  [2b_full_einsum]="$G2B $B8 --config.model.attention=einsum --breakdown"
+  [9b_lora_einsum]="$L9B $B8 --config.model.attention=einsum"
+  [9b_full_einsum]="$F9B $B8 --config.model.attention=einsum --breakdown"
   [2b_full_fsdp2]="$G2B $B16"
   [2b_full_fsdp2_overlap]="$G2B $B16"
   [9b_lora_fsdp2]="$L9B $B16"

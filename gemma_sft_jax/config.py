@@ -15,6 +15,7 @@ Fields (the contract the README documents):
   model.remat         activation rematerialisation, 'none' | 'full' | 'dots' | 'save:PROJ,...'
   model.scan_layers   one nn.scan over the layers (stacked params; compile time independent of depth)
   model.save_loss_logits  keep the loss's logits for the backward pass instead of recomputing them
+  model.attention     training attention: 'einsum' | 'flash' (Pallas kernels) | 'auto' (flash on GPU)
   tuning_method       'full' | 'lora'
   lora.*              rank, alpha, dropout, targets (regex over parameter paths), base_sharding
   data.*              source (local dir, default the bundled GSM8K; or a hub id), subset, ...
@@ -53,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Keep the loss's [tokens, vocab] logits (in logits_dtype) for the backward pass instead of
   # recomputing them: one matmul of the head fewer, for tokens x vocab x 2-4 bytes of memory.
   c.model.save_loss_logits = False
+  # Attention in training and evaluation loss (no KV cache): 'einsum' (the reference path, any
+  # backend), 'flash' (fused Pallas kernels that never write the scores to memory; GPU, or the
+  # Pallas interpreter elsewhere) or 'auto' (flash on GPU where it applies, einsum otherwise).
+  c.model.attention = 'auto'
 
   c.tuning_method = 'full'
 

@@ -146,6 +146,8 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ValueError(str(e)) from None
   m = c.model
+  if m.attention not in model_lib.ATTENTION_IMPLS:
+    raise _bad('model.attention', m.attention, 'one of ' + ', '.join(model_lib.ATTENTION_IMPLS))
   if not m.checkpoint and m.variant not in architecture.VARIANTS:
     raise _bad('model.variant', m.variant, 'one of ' + ', '.join(architecture.VARIANTS))
   if not m.checkpoint and not m.tokenizer:

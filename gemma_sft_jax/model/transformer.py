@@ -45,6 +45,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from gemma_sft_jax.model import architecture
 from gemma_sft_jax.model import attention
+from gemma_sft_jax.model import flash_attention
 from gemma_sft_jax.model import kv_cache
 from gemma_sft_jax.model import lora
 from gemma_sft_jax.model.lora import LoraSpec
@@ -57,6 +58,41 @@ def rms_norm(x: Array, scale: Array, eps: float) -> Array:
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+ATTENTION_IMPLS = ('einsum', 'flash', 'auto')
+
+
+def use_flash(impl: str, q_shape: tuple[int, ...], k_shape: tuple[int, ...],
+              sharding: Any = None) -> bool:
+  """Whether attention of queries [B, T, N, H] to keys [B, K, S, H] without a cache runs as
+  flash_attention's kernels under `model.attention` = impl ('einsum' | 'flash' | 'auto').
+
+  'auto' takes them on GPU where they apply (`flash_attention.applicable` to each device's
+  share); 'flash' takes them on any backend (the Pallas interpreter off GPU) and says why where
+  they do not apply.
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'model.attention: {impl!r} is not one of {", ".join(ATTENTION_IMPLS)}')
+  if impl == 'einsum':
+    return False
+  q_local, k_local = list(q_shape), list(k_shape)
+  if sharding is not None:
+    sizes = dict(sharding.mesh.shape)
+    batch = sharding.spec[0]
+    for name in (batch if isinstance(batch, tuple) else (batch,)):
+      if name is not None:
+        q_local[0] //= sizes[name]
+        k_local[0] //= sizes[name]
+    q_local[2] //= sizes.get('tensor', 1)
+    k_local[1] //= sizes.get('tensor', 1)
+  ok = flash_attention.applicable(tuple(q_local), tuple(k_local))
+  if impl == 'flash' and not ok:
+    raise ValueError(
+        f"model.attention='flash': the kernels need a sequence attending to itself whose "
+        f'length is a power of two >= 64 and whole groups of query heads; got queries '
+        f'{tuple(q_local)} and keys {tuple(k_local)} per device (use "auto" or "einsum")')
+  return ok and (impl == 'flash' or jax.default_backend() == 'gpu')
 
 
 class RMSNorm(nn.Module):
@@ -119,6 +155,8 @@ class Attention(nn.Module):
   param_dtype: Any
   lora: dict[str, int]  # projection name -> LoRA rank (0 = none)
   lora_spec: LoraSpec
+  attention: str = 'einsum'  # 'einsum' | 'flash' | 'auto' (see use_flash)
+  sharding: Any = None  # NamedSharding of [B, T, D] activations (the flash kernels' shard_map).
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array,
@@ -167,8 +205,19 @@ class Attention(nn.Module):
     key, val = cat('k', self.dtype, 2), cat('v', self.dtype, 2)
     k_pos, k_seg = cat('pos', jnp.int32, 1), cat('seg', jnp.int32, 1)
 
-    out = attention.attend(c, q, key, val, positions, segment_ids, k_pos, k_seg, local,
-                           shared, dtype=self.dtype)
+    if cache is None and shared is None and use_flash(self.attention, q.shape, key.shape,
+                                                      self.sharding):
+      window = None
+      if c.sliding_window is not None and local is not False:
+        window = c.sliding_window if local is True else jnp.where(
+            local, c.sliding_window, flash_attention.NO_WINDOW)
+      scaled = q * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q.dtype)  # as attend scales
+      out = flash_attention.flash_attention(
+          scaled, key, val, positions, segment_ids, window, softcap=c.attn_logit_softcap,
+          sharding=self.sharding, interpret=jax.default_backend() != 'gpu')
+    else:
+      out = attention.attend(c, q, key, val, positions, segment_ids, k_pos, k_seg, local,
+                             shared, dtype=self.dtype)
     out = proj('o_proj', 'BTNH,NHD->BTD', (n, h, d), in_dims=2)(out, deterministic)
     return out, new_cache
 
@@ -208,6 +257,7 @@ class Block(nn.Module):
   mlp_lora: dict[str, int]
   lora_spec: LoraSpec
   out_sharding: Any = None  # Sharding constraint for the block's output (see Transformer).
+  attention: str = 'einsum'  # Attention's implementation (Transformer.attention).
 
   @nn.compact
   def __call__(self, carry, per_layer, positions, segment_ids, deterministic):
@@ -219,8 +269,8 @@ class Block(nn.Module):
     c, pd = self.config, self.param_dtype
     h = RMSNorm(c.rms_norm_eps, pd, name='pre_attention_norm')(x)
     h, new_cache = Attention(c, self.layer_type, self.dtype, pd, self.attn_lora, self.lora_spec,
-                             name='attn')(h, positions, segment_ids, cache,
-                                          deterministic, local, shared)
+                             self.attention, self.out_sharding, name='attn')(
+                                 h, positions, segment_ids, cache, deterministic, local, shared)
     x = x + RMSNorm(c.rms_norm_eps, pd, name='post_attention_norm')(h)
     h = RMSNorm(c.rms_norm_eps, pd, name='pre_ffw_norm')(x)
     h = MLP(c, self.dtype, pd, self.mlp_lora, self.lora_spec, name='mlp')(h, deterministic)
@@ -275,6 +325,11 @@ class Transformer(nn.Module):
   # a leading [L] axis, and the compiled program holds one layer, not L (compile time and
   # program size stop growing with depth). Sliding/global attention becomes per-layer data.
   scan_layers: bool = False
+  # Attention's implementation during training (no KV cache): 'einsum' (attention.attend, the
+  # reference, any backend), 'flash' (flash_attention's Pallas kernels: GPU, or the Pallas
+  # interpreter elsewhere) or 'auto' (flash on GPU where the kernels apply, einsum otherwise).
+  # Decoding with a KV cache always takes the einsum path.
+  attention: str = 'einsum'
 
   def _constrain(self, x: Array) -> Array:
     if self.activation_sharding is None:
@@ -311,10 +366,10 @@ class Transformer(nn.Module):
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=c.num_layers)
       self.layers = scanned(c, None, self.dtype, self.param_dtype, *per_layer[0], self.lora,
-                            self.activation_sharding, name='layers')
+                            self.activation_sharding, self.attention, name='layers')
     else:
       self.layers = [block(c, layer_type, self.dtype, self.param_dtype, *ranks(i), self.lora,
-                           self.activation_sharding, name=f'layer_{i}')
+                           self.activation_sharding, self.attention, name=f'layer_{i}')
                      for i, layer_type in enumerate(c.layer_types)]
     self.final_norm = RMSNorm(c.rms_norm_eps, self.param_dtype, name='final_norm')
 
