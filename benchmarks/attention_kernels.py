@@ -62,12 +62,12 @@ def _flash_fn(c, positions, segment_ids, blocks=fa.Blocks()):
 
 # Candidate tiles per kernel: (queries, keys, warps, pipeline stages).
 SWEEP = {
-    'fwd': [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2),
-            (32, 64, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 1)],
-    'dkv': [(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2), (16, 64, 4, 2),
-            (32, 128, 8, 2), (16, 32, 4, 2), (32, 64, 4, 2)],
-    'dq': [(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2),
-           (128, 64, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)],
+    'fwd': [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3), (32, 64, 4, 3),
+            (32, 32, 4, 3), (64, 64, 8, 3), (64, 128, 4, 2)],
+    'dkv': [(32, 32, 4, 2), (32, 32, 4, 3), (32, 32, 4, 1), (16, 32, 4, 2), (32, 32, 8, 2),
+            (64, 32, 4, 2), (32, 64, 8, 2), (16, 16, 4, 2)],
+    'dq': [(32, 64, 4, 2), (32, 64, 4, 3), (32, 32, 4, 3), (64, 64, 4, 2), (32, 128, 4, 2),
+           (16, 64, 4, 2), (64, 64, 8, 2), (32, 64, 8, 2)],
 }
 
 
@@ -87,9 +87,9 @@ def _sweep(c, name, args, emit) -> None:
   arrays = (q, k, v, positions, segment_ids, window, lse, delta, do)
   for kernel, tiles in SWEEP.items():
     for bq, bk, warps, stages in tiles:
-      blocks = dataclasses.replace(fa.Blocks(), num_stages=stages,
-                                   **{f'{kernel}_q': bq, f'{kernel}_k': bk,
-                                      f'{kernel}_warps': warps})
+      blocks = dataclasses.replace(fa.Blocks(), **{
+          f'{kernel}_q': bq, f'{kernel}_k': bk, f'{kernel}_warps': warps,
+          f'{kernel}_stages': stages})
 
       def fn(q, k, v, pos, seg, window, lse, delta, do, kernel=kernel, blocks=blocks):
         if kernel == 'fwd':

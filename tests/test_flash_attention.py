@@ -224,7 +224,7 @@ q, key, val = (jax.random.normal(kq, (b, t, n, h)), jax.random.normal(kk, (b, k,
 ct = jax.random.normal(kc, (b, t, n, h))
 pos = jnp.broadcast_to(jnp.arange(t) % 40, (b, t)).astype(jnp.int32)
 seg = jnp.broadcast_to((jnp.arange(t) >= 40) + 1, (b, t)).astype(jnp.int32)
-blocks = fa.Blocks(16, 16, 16, 32, 32, 16)
+blocks = fa.Blocks(fwd_q=16, fwd_k=16, dkv_q=16, dkv_k=32, dq_q=32, dq_k=16)
 def run(sharding):
   def step(q, key, val, ct, pos, seg):
     f = lambda q, key, val: fa.flash_attention(q, key, val, pos, seg, 20, softcap=50.0,

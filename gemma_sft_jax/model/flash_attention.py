@@ -44,17 +44,20 @@ NO_WINDOW = 1 << 30  # The window of a global layer: farther than any sequence.
 @dataclasses.dataclass(frozen=True)
 class Blocks:
   """Tiles of the forward, key-gradient and query-gradient kernels: queries × keys per loop step,
-  warps per program; and the loops' pipeline stages."""
+  warps per program, pipeline stages of the loop. The defaults are the fastest of a sweep at
+  Gemma 2 9B's shapes on an H200 (`benchmarks/attention_kernels.py --sweep`, BENCHMARKS.md)."""
   fwd_q: int = 64
   fwd_k: int = 64
+  fwd_warps: int = 4
+  fwd_stages: int = 3
   dkv_q: int = 32
-  dkv_k: int = 64
-  dq_q: int = 64
-  dq_k: int = 32
-  fwd_warps: int = 8
-  dkv_warps: int = 8
-  dq_warps: int = 8
-  num_stages: int = 2
+  dkv_k: int = 32
+  dkv_warps: int = 4
+  dkv_stages: int = 2
+  dq_q: int = 32
+  dq_k: int = 64
+  dq_warps: int = 4
+  dq_stages: int = 2
 
 
 def _pow2(n: int) -> bool:
@@ -205,8 +208,9 @@ def _specs(t: int, h: int, groups: int):
   return window, heads, kv_of_head, rows, whole_row, stats
 
 
-def _params(blocks: Blocks, warps: int):
-  return pltriton.CompilerParams(num_warps=warps, num_stages=blocks.num_stages)
+def _params(blocks: Blocks, kernel: str):
+  return pltriton.CompilerParams(num_warps=getattr(blocks, f'{kernel}_warps'),
+                                 num_stages=getattr(blocks, f'{kernel}_stages'))
 
 
 def _forward(q, k, v, pos, seg, window, softcap, blocks: Blocks, interpret: bool):
@@ -222,7 +226,7 @@ def _forward(q, k, v, pos, seg, window, softcap, blocks: Blocks, interpret: bool
       out_specs=[heads(bq), stats(bq)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-      interpret=interpret, compiler_params=_params(blocks, blocks.fwd_warps),
+      interpret=interpret, compiler_params=_params(blocks, 'fwd'),
       name='flash_attention_fwd',
   )(window, q, k, v, pos, seg, pos, seg)
   return o, lse
@@ -249,7 +253,7 @@ def _key_grads(q, k, v, pos, seg, window, lse, delta, do, softcap, blocks: Block
                 query_rows, query_rows, key_rows, key_rows],
       out_specs=[key_block, key_block],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      interpret=interpret, compiler_params=_params(blocks, blocks.dkv_warps),
+      interpret=interpret, compiler_params=_params(blocks, 'dkv'),
       name='flash_attention_dkv',
   )(window, q, k, v, do, lse, delta, pos, seg, pos, seg)
 
@@ -267,7 +271,7 @@ def _query_grads(q, k, v, pos, seg, window, lse, delta, do, softcap, blocks: Blo
                 rows(bq), rows(bq), whole_row, whole_row],
       out_specs=heads(bq),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      interpret=interpret, compiler_params=_params(blocks, blocks.dq_warps),
+      interpret=interpret, compiler_params=_params(blocks, 'dq'),
       name='flash_attention_dq',
   )(window, q, k, v, do, lse, delta, pos, seg, pos, seg)
 
