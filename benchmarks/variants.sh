@@ -41,6 +41,11 @@ declare -A V=(
   [2b_full_einsum]="$G2B $B8 --config.model.attention=einsum --breakdown"
   [9b_lora_einsum]="$L9B $B8 --config.model.attention=einsum"
   [9b_full_einsum]="$F9B $B8 --config.model.attention=einsum --breakdown"
+  # Attention's output (and the flash kernels' log-sum-exp) kept for the backward pass.
+  [9b_lora_save_attention]="$L9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,attention"
+  [2b_full_save_projections]="$G2B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+  [2b_full_save_attention]="$G2B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,attention"
+  [9b_full_save_attention]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,gate_proj,attention"
   [2b_full_fsdp2]="$G2B $B16"
   [2b_full_fsdp2_overlap]="$G2B $B16"
   [9b_lora_fsdp2]="$L9B $B16"

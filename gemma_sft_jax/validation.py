@@ -148,6 +148,10 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   m = c.model
   if m.attention not in model_lib.ATTENTION_IMPLS:
     raise _bad('model.attention', m.attention, 'one of ' + ', '.join(model_lib.ATTENTION_IMPLS))
+  seq = c.train.seq_len
+  if m.attention == 'flash' and not (seq >= 64 and seq & (seq - 1) == 0):
+    raise _bad('train.seq_len', seq, "a power of two >= 64 for model.attention='flash' (or use "
+               "'auto' or 'einsum')")
   if not m.checkpoint and m.variant not in architecture.VARIANTS:
     raise _bad('model.variant', m.variant, 'one of ' + ', '.join(architecture.VARIANTS))
   if not m.checkpoint and not m.tokenizer:

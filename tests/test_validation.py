@@ -32,6 +32,8 @@ CASES = [
     ('main', {'model.logits_dtype': 'half'}, 'model.logits_dtype'),
     ('main', {'model.remat': 'some'}, 'model.remat'),
     ('main', {'model.remat': 'save:qq_proj'}, 'model.remat'),
+    ('main', {'model.attention': 'fast'}, 'model.attention'),
+    ('main', {'model.attention': 'flash', 'train.seq_len': 96}, 'train.seq_len'),
     ('main', {'model.variant': 'tiny_gemma9'}, 'model.variant'),
     ('main', {'model.tokenizer': ''}, 'model.tokenizer'),
     ('main', {'model.checkpoint': '/no/such/gemma'}, 'model.tokenizer'),  # byte + a checkpoint

@@ -50,11 +50,11 @@ class Blocks:
   fwd_k: int = 64
   fwd_warps: int = 4
   fwd_stages: int = 3
-  dkv_q: int = 32
+  dkv_q: int = 64
   dkv_k: int = 32
   dkv_warps: int = 4
   dkv_stages: int = 2
-  dq_q: int = 32
+  dq_q: int = 64
   dq_k: int = 64
   dq_warps: int = 4
   dq_stages: int = 2

@@ -68,13 +68,14 @@ def use_flash(impl: str, q_shape: tuple[int, ...], k_shape: tuple[int, ...],
   """Whether attention of queries [B, T, N, H] to keys [B, K, S, H] without a cache runs as
   flash_attention's kernels under `model.attention` = impl ('einsum' | 'flash' | 'auto').
 
-  'auto' takes them on GPU where they apply (`flash_attention.applicable` to each device's
-  share); 'flash' takes them on any backend (the Pallas interpreter off GPU) and says why where
-  they do not apply.
+  Both 'flash' and 'auto' take them where they apply (`flash_attention.applicable` to each
+  device's share; shorter calls such as `init`'s take the einsum path): 'auto' on GPU only,
+  'flash' on any backend (the Pallas interpreter off GPU). `validation` checks that a 'flash'
+  run's train.seq_len suits them.
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f'model.attention: {impl!r} is not one of {", ".join(ATTENTION_IMPLS)}')
-  if impl == 'einsum':
+  if impl == 'einsum' or (impl == 'auto' and jax.default_backend() != 'gpu'):
     return False
   q_local, k_local = list(q_shape), list(k_shape)
   if sharding is not None:
@@ -86,13 +87,7 @@ def use_flash(impl: str, q_shape: tuple[int, ...], k_shape: tuple[int, ...],
         k_local[0] //= sizes[name]
     q_local[2] //= sizes.get('tensor', 1)
     k_local[1] //= sizes.get('tensor', 1)
-  ok = flash_attention.applicable(tuple(q_local), tuple(k_local))
-  if impl == 'flash' and not ok:
-    raise ValueError(
-        f"model.attention='flash': the kernels need a sequence attending to itself whose "
-        f'length is a power of two >= 64 and whole groups of query heads; got queries '
-        f'{tuple(q_local)} and keys {tuple(k_local)} per device (use "auto" or "einsum")')
-  return ok and (impl == 'flash' or jax.default_backend() == 'gpu')
+  return flash_attention.applicable(tuple(q_local), tuple(k_local))
 
 
 class RMSNorm(nn.Module):
@@ -218,6 +213,7 @@ class Attention(nn.Module):
     else:
       out = attention.attend(c, q, key, val, positions, segment_ids, k_pos, k_seg, local,
                              shared, dtype=self.dtype)
+      out = checkpoint_name(out, ATTENTION)
     out = proj('o_proj', 'BTNH,NHD->BTD', (n, h, d), in_dims=2)(out, deterministic)
     return out, new_cache
 
@@ -287,6 +283,13 @@ _REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+ATTENTION = 'attention'  # In 'save:...': attention's output.
+
+
+def _flash_forward_outputs(prim, *_, **params) -> bool:
+  """Remat policy: keep the flash forward kernel's outputs (attention's output and log-sum-exp)."""
+  return prim.name == 'pallas_call' and any(
+      'flash_attention_fwd' in str(v) for k, v in params.items() if 'name' in k)
 
 
 def remat_policy(remat: str) -> Any:
@@ -296,15 +299,21 @@ def remat_policy(remat: str) -> Any:
   'save:NAME,...' the outputs of the named projections (PROJECTIONS), e.g. all but the two
   widest, 'save:q_proj,k_proj,v_proj,o_proj,down_proj', to trade compute for memory in between.
   Under LoRA a projection is two matmuls (base and adapter) whose outputs 'dots' keeps apart;
-  naming all seven projections keeps their sum once, half the memory.
+  naming all seven projections keeps their sum once, half the memory. The name 'attention'
+  keeps attention's output too; with the flash kernels, also each query's log-sum-exp, so the
+  backward pass does not run the forward kernel again (the einsum path recomputes its scores
+  either way).
   """
   if remat.startswith('save:'):
     names = tuple(n for n in remat[len('save:'):].split(',') if n)
-    unknown = sorted(set(names) - set(PROJECTIONS))
+    unknown = sorted(set(names) - set(PROJECTIONS) - {ATTENTION})
     if not names or unknown:
       raise ValueError(f'model.remat: {remat!r} names {unknown or "nothing"}; the projections are '
-                       f'{", ".join(PROJECTIONS)}')
-    return jax.checkpoint_policies.save_only_these_names(*names)
+                       f'{", ".join(PROJECTIONS)}, and {ATTENTION!r} is attention\'s output')
+    policy = jax.checkpoint_policies.save_only_these_names(*names)
+    if ATTENTION in names:
+      policy = jax.checkpoint_policies.save_from_both_policies(policy, _flash_forward_outputs)
+    return policy
   if remat not in _REMAT_POLICIES:
     raise ValueError(f"model.remat: {remat!r} is not one of 'none', 'full', 'dots', 'save:...'")
   return _REMAT_POLICIES[remat]
