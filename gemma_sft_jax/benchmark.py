@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from gemma_sft_jax import runner
 from gemma_sft_jax.model import sharding
+from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.training import metrics as metrics_lib
 from gemma_sft_jax.training import train as train_lib
 from gemma_sft_jax.weights import models
@@ -118,6 +119,10 @@ def _bench(config, steps, output, breakdown, tag, profile):
       n_matmul_params=train_lib.matmul_params(c), seq_len=t, n_layers=c.num_layers,
       d_attn=c.num_heads * c.head_dim, lora=config.tuning_method == 'lora')
   tps = b * t / step_s
+  # The attention the step ran (model.attention 'auto' resolves per backend and shape).
+  flash = model_lib.use_flash(config.model.attention, (b, t, c.num_heads, c.head_dim),
+                              (b, c.num_kv_heads, t, c.head_dim), setup.model.activation_sharding)
+  attention = 'flash' if flash else 'einsum'
   device = jax.devices()[0].device_kind
   result = {
       'framework': 'gemma_sft_jax', 'model': config.model.variant,
@@ -128,6 +133,7 @@ def _bench(config, steps, output, breakdown, tag, profile):
       'mesh': dict(mesh.shape), 'param_dtype': config.model.param_dtype,
       'state_dtype': config.optim.state_dtype, 'remat': config.model.remat,
       'scan_layers': config.model.scan_layers, 'logits_dtype': config.model.logits_dtype,
+      'attention': attention,
       'save_loss_logits': config.model.save_loss_logits,
       'stochastic_rounding': config.optim.stochastic_rounding,
       'update_kernel': config.optim.update_kernel,
