@@ -58,6 +58,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'model.dtype': _one_of(*_DTYPES),
     'model.param_dtype': _one_of(*_DTYPES),
     'model.logits_dtype': _one_of(*_DTYPES),
+    'model.attention': _one_of(*model_lib.ATTENTION_IMPLS),
     'lora.alpha': _above(0),
     'lora.dropout': _between(0, 1, high_open=True),
     'lora.base_sharding': _one_of(*sharding.BASE_SHARDINGS),
@@ -146,8 +147,6 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ValueError(str(e)) from None
   m = c.model
-  if m.attention not in model_lib.ATTENTION_IMPLS:
-    raise _bad('model.attention', m.attention, 'one of ' + ', '.join(model_lib.ATTENTION_IMPLS))
   seq = c.train.seq_len
   if m.attention == 'flash' and not (seq >= 64 and seq & (seq - 1) == 0):
     raise _bad('train.seq_len', seq, "a power of two >= 64 for model.attention='flash' (or use "

@@ -44,6 +44,7 @@ SAFE_TO_CHANGE = (
     'lora.base_sharding',  # Where the frozen base lies; it is never checkpointed.
     'model.remat',      # Memory for speed; the same maths.
     'model.save_loss_logits',  # Likewise.
+    'model.attention',  # Fused kernels or the einsum path: the same maths.
     'optim.grad_accum',  # Microbatching; the same global batch and normalisation.
     'optim.update_kernel',  # Where the same update runs (a Pallas kernel or XLA); same state.
     'data.source',      # Where the same data lives (a local copy or the hub).
