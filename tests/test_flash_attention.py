@@ -61,9 +61,13 @@ def _both(c, q, k, v, pos, seg, local, dtype, blocks=SMALL):
     return fa.flash_attention(scaled, k, v, pos, seg, window, softcap=c.attn_logit_softcap,
                               blocks=blocks, interpret=True)
 
-  r, r_vjp = jax.vjp(ref, *args)
-  f, f_vjp = jax.vjp(flash, *args)
-  return r, f, r_vjp(ct), f_vjp(ct)
+  def out_and_grads(fn, args):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(ct)
+
+  r, r_grads = jax.jit(out_and_grads, static_argnums=0)(ref, args)
+  f, f_grads = jax.jit(out_and_grads, static_argnums=0)(flash, args)
+  return r, f, r_grads, f_grads
 
 
 def _random(shape_q, shape_k, seed=0):
@@ -78,16 +82,16 @@ def _max_diff(a, b, where=None):
 
 
 @pytest.mark.parametrize('heads,kv_heads,softcap,local', [
-    (4, 2, 50.0, False),   # Gemma 2: grouped kv heads, softcap, global layer
-    (4, 2, 50.0, True),    # ... sliding-window layer (window 20 < 64 tokens)
+    (4, 2, 50.0, True),    # Gemma 2: grouped kv heads, softcap, a sliding-window layer
     (4, 1, None, 'traced'),  # Gemma 3: one kv head, no softcap, the window chosen by data
-    (2, 2, 30.0, False),   # one query head per kv head
+    (2, 2, 30.0, False),   # one query head per kv head, a global layer
 ])
 def test_kernels_equal_einsum_in_fp32(heads, kv_heads, softcap, local):
   """Output and the three gradients match attention.attend to float32 rounding, with two packed
-  documents per row, grouped kv heads, softcap and sliding windows."""
+  documents per row, grouped kv heads, softcap and sliding windows (which change the result:
+  the window of 12 is shorter than the documents)."""
   b, t, h = 2, 64, 32
-  c = _config(heads, kv_heads, h, softcap, 20)
+  c = _config(heads, kv_heads, h, softcap, 12)
   q, k, v = _random((b, t, heads, h), (b, kv_heads, t, h))
   pos, seg = _packed(b, t)
   flag = jnp.asarray(True) if local == 'traced' else local
@@ -95,18 +99,9 @@ def test_kernels_equal_einsum_in_fp32(heads, kv_heads, softcap, local):
   assert _max_diff(r, f) < 1e-5
   for x, y in zip(rg, fg):
     assert _max_diff(x, y) < 1e-5 * max(1.0, float(jnp.max(jnp.abs(x))))
-
-
-def test_window_changes_the_result():
-  """The window is applied: a sliding-window layer's output differs from a global one's (so the
-  windowed cases above test something)."""
-  b, t, h = 1, 64, 32
-  c = _config(4, 2, h, 50.0, 8)
-  q, k, v = _random((b, t, 4, h), (b, 2, t, h))
-  pos, seg = _packed(b, t)
-  _, local, _, _ = _both(c, q, k, v, pos, seg, True, jnp.float32)
-  _, whole, _, _ = _both(c, q, k, v, pos, seg, False, jnp.float32)
-  assert _max_diff(local, whole) > 0.1
+  if local is not False:
+    whole = attention.attend(c, q, k, v, pos, seg, pos, seg, False, None, dtype=jnp.float32)
+    assert _max_diff(whole, r) > 0.1
 
 
 def test_kernels_equal_einsum_in_bf16_on_9b_like_heads():
@@ -160,17 +155,17 @@ def test_model_with_flash_equals_einsum_on_every_logit_and_gradient():
   def logits(model, p):
     return model.apply({'params': p}, tokens, pos, seg)[0]
 
-  le, lf = logits(einsum_model, params), logits(flash_model, params)
-  assert _max_diff(le, lf, np.broadcast_to(real[..., None], le.shape)) < 2e-5
   weights = jnp.asarray(real, jnp.float32)
 
-  def loss(model, p):
+  def loss(p, model):
     out = logits(model, p)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(out), tokens[..., None], -1)[..., 0]
-    return jnp.sum(nll * weights) / jnp.sum(weights)
+    return jnp.sum(nll * weights) / jnp.sum(weights), out
 
-  ge = jax.grad(lambda p: loss(einsum_model, p))(params)
-  gf = jax.grad(lambda p: loss(flash_model, p))(params)
+  grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (_, le), ge = grads(params, einsum_model)
+  (_, lf), gf = grads(params, flash_model)
+  assert _max_diff(le, lf, np.broadcast_to(real[..., None], le.shape)) < 2e-5
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(ge), jax.tree.leaves(gf)):
     scale = max(1e-3, float(jnp.max(jnp.abs(x))))
     assert _max_diff(x, y) < 1e-4 * scale, jax.tree_util.keystr(path)
@@ -188,7 +183,7 @@ def test_remat_keeps_the_flash_forward_by_name():
     params = model.init(jax.random.key(0), tokens[:, :8])['params']
     step = jax.grad(lambda p, model=model: jnp.sum(model.apply({'params': p}, tokens)[0] ** 2))
     kernels.append(str(jax.make_jaxpr(step)(params)).count('flash_attention_fwd'))
-    grads.append(step(params))
+    grads.append(jax.jit(step)(params))
   assert kernels[1] < kernels[0], kernels
   for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
