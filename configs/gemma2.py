@@ -23,14 +23,14 @@ def get_config(arg=None):
   # 8 x 512, remat 'full') peaks at 54.8 GiB on one GPU (BENCHMARKS.md).
   c.model.param_dtype = 'bfloat16'
   # Measured on an H200 (BENCHMARKS.md): saving every projection's output ('dots', or by name)
-  # is the fastest where it fits (2B full, int8 states: 21 GiB). LoRA saves each projection's output by name instead: 'dots' would keep the
-  # base matmul's and the adapter's outputs apart, twice the memory (9B LoRA: 49.2 GiB with
-  # 'dots', 35.1 GiB and 2% faster this way). 9B full with 'dots' needs 68.6 GiB; saving every
-  # projection but up_proj peaks at 63.8 GiB and runs 4% faster than recomputing gate_proj too
-  # (59.4 GiB), which in turn runs 6% faster than 'full' (54.8 GiB).
-  # 2B full SFT keeps them by name, and attention's output (with the flash kernels: and its log-sum-exp, so the
-  # backward pass does not run the forward kernel again): +1.7% for 0.4 GiB. 9B LoRA gained 0.8%
-  # for 1.3 GiB that way, 9B full would need 64.9 GiB: neither does.
+  # is the fastest where it fits (2B full, int8 states: 21 GiB). LoRA saves each projection's
+  # output by name instead: 'dots' would keep the base matmul's and the adapter's outputs apart,
+  # twice the memory (9B LoRA: 49.2 GiB with 'dots', 35.1 GiB and 2% faster this way). 9B full
+  # with 'dots' needs 68.6 GiB; saving every projection but up_proj peaks at 63.8 GiB and runs 4%
+  # faster than recomputing gate_proj too (59.4 GiB), which in turn runs 6% faster than 'full'
+  # (54.8 GiB). 2B full SFT keeps them by name, and attention's output (with the flash kernels,
+  # its log-sum-exp too, so the backward pass does not run the forward kernel again): +1.7% for
+  # 0.4 GiB. 9B LoRA gained 0.8% for 1.3 GiB that way, 9B full would need 64.9 GiB: neither does.
   projections = 'save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
   c.model.remat = {('2b', 'full'): projections + ',attention', ('2b', 'lora'): projections,
                    ('9b', 'lora'): projections,

@@ -15,7 +15,7 @@ Fields (the contract the README documents):
   model.remat         activation rematerialisation, 'none' | 'full' | 'dots' | 'save:PROJ,...'
   model.scan_layers   one nn.scan over the layers (stacked params; compile time independent of depth)
   model.save_loss_logits  keep the loss's logits for the backward pass instead of recomputing them
-  model.attention     training attention: 'einsum' | 'flash' (Pallas kernels) | 'auto' (flash on GPU)
+  model.attention     training attention, 'einsum' | 'flash' (Pallas kernels) | 'auto' (GPU: flash)
   tuning_method       'full' | 'lora'
   lora.*              rank, alpha, dropout, targets (regex over parameter paths), base_sharding
   data.*              source (local dir, default the bundled GSM8K; or a hub id), subset, ...
