@@ -13,6 +13,6 @@ unset PYTHONDONTWRITEBYTECODE
 # `torch>=2.5` of the test extra is already satisfied and no CUDA build is downloaded.
 python -m pip install -q --no-compile torch==2.13.0
 python -m pip install -q --no-compile -e '.[test]'
-# Two workers, one test file at a time each (a file's fixtures are built once): 13:41 for the
-# suite on two cores against ~15 minutes in one process.
+# Two workers, one test file at a time each (a file's fixtures are built once): the suite took
+# 12-14 minutes that way on two cores, against 15 in one process.
 python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile "$@"
