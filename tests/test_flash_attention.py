@@ -5,6 +5,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -204,6 +205,13 @@ def test_use_flash_dispatch():
   assert not model_lib.use_flash('flash', (1, 64, 9, 16), (1, 3, 64, 16))
   with pytest.raises(ValueError, match='model.attention'):
     model_lib.use_flash('fast', q, k)
+  # On a mesh the kernels see each device's share; rows or heads that do not split evenly go
+  # the einsum way.
+  mesh = types.SimpleNamespace(shape={'data': 1, 'fsdp': 2, 'tensor': 4})
+  act = types.SimpleNamespace(mesh=mesh, spec=(('data', 'fsdp'), None, None))
+  assert model_lib.use_flash('flash', q, k, act)
+  assert not model_lib.use_flash('flash', (8, 512, 16, 256), (8, 2, 512, 256), act)
+  assert not model_lib.use_flash('flash', (3, 512, 16, 256), (3, 8, 512, 256), act)
 
 
 def test_kernels_lower_to_three_triton_calls_for_cuda():

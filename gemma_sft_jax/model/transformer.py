@@ -81,12 +81,14 @@ def use_flash(impl: str, q_shape: tuple[int, ...], k_shape: tuple[int, ...],
   if sharding is not None:
     sizes = dict(sharding.mesh.shape)
     batch = sharding.spec[0]
-    for name in (batch if isinstance(batch, tuple) else (batch,)):
-      if name is not None:
-        q_local[0] //= sizes[name]
-        k_local[0] //= sizes[name]
-    q_local[2] //= sizes.get('tensor', 1)
-    k_local[1] //= sizes.get('tensor', 1)
+    rows = math.prod(sizes[a] for a in (batch if isinstance(batch, tuple) else (batch,)) if a)
+    tensor = sizes.get('tensor', 1)
+    if q_local[0] % rows or q_local[2] % tensor or k_local[1] % tensor:
+      return False  # Rows or heads that do not split evenly: the einsum path (GSPMD) takes them.
+    q_local[0] //= rows
+    k_local[0] //= rows
+    q_local[2] //= tensor
+    k_local[1] //= tensor
   return flash_attention.applicable(tuple(q_local), tuple(k_local))
 
 
