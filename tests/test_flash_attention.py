@@ -174,20 +174,24 @@ def test_model_with_flash_equals_einsum_on_every_logit_and_gradient():
 
 def test_remat_keeps_the_flash_forward_by_name():
   """remat 'save:...,attention' keeps the forward kernel's outputs: the backward pass does not
-  run it again (fewer forward kernels in the step's program), and the gradients are the same."""
+  run it again (fewer forward kernels in the step's program). Under either policy the flash
+  model's gradients are the einsum model's without remat."""
   c, _ = _tiny_model('flash')
   tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, c.vocab_size)
   projections = 'save:' + ','.join(model_lib.PROJECTIONS)
   grads, kernels = [], []
-  for remat in (projections, projections + ',attention'):
-    model = model_lib.Transformer(c, scan_layers=True, attention='flash', remat=remat)
+  for impl, remat in (('einsum', 'none'), ('flash', projections),
+                      ('flash', projections + ',attention')):
+    model = model_lib.Transformer(c, scan_layers=True, attention=impl, remat=remat)
     params = model.init(jax.random.key(0), tokens[:, :8])['params']
     step = jax.grad(lambda p, model=model: jnp.sum(model.apply({'params': p}, tokens)[0] ** 2))
     kernels.append(str(jax.make_jaxpr(step)(params)).count('flash_attention_fwd'))
     grads.append(jax.jit(step)(params))
-  assert kernels[1] < kernels[0], kernels
-  for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  assert kernels[0] == 0 and 0 < kernels[2] < kernels[1], kernels
+  for flash in grads[1:]:
+    for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(flash)):
+      scale = max(1e-3, float(jnp.max(jnp.abs(x))))
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-4 * scale)
   with pytest.raises(ValueError, match='attention'):
     model_lib.remat_policy('save:attn')
 
