@@ -7,7 +7,8 @@ logit and every parameter's gradient of the loss, compiled kernels (not the inte
 A random-init model of the variant's shapes with `--layers` scanned layers (sliding and global),
 rows of two packed documents with padding at the end; one JSON line with the largest logit
 difference over real tokens, the largest logit, and the largest gradient difference relative to
-the largest gradient of each leaf.
+the largest gradient of each leaf. The same for each path against the einsum path in float32
+(the same weights), to show how far bf16 alone moves them (`*_vs_fp32`).
 """
 
 import argparse
@@ -46,6 +47,8 @@ def main() -> None:
   weights = (seg > 0).astype(jnp.float32)
   models = {impl: model_lib.Transformer(c, dtype=dtype, param_dtype=dtype, scan_layers=True,
                                         attention=impl) for impl in ('einsum', 'flash')}
+  models['fp32'] = model_lib.Transformer(c, dtype=jnp.float32, param_dtype=jnp.float32,
+                                         scan_layers=True, attention='einsum')
   params = jax.jit(lambda: models['einsum'].init(jax.random.key(0), tokens[:, :8])['params'])()
 
   def loss(p, impl):
@@ -56,11 +59,23 @@ def main() -> None:
   step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
   (loss_e, logits_e), grads_e = step(params, 'einsum')
   (loss_f, logits_f), grads_f = step(params, 'flash')
+  params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  (_, logits_32), grads_32 = step(params32, 'fp32')
   real = np.asarray(seg > 0)[..., None]
-  diff = np.abs(np.asarray(logits_e, np.float32) - np.asarray(logits_f, np.float32))
-  rel = [float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
-               / max(float(jnp.max(jnp.abs(x.astype(jnp.float32)))), 1e-30))
-         for x, y in zip(jax.tree.leaves(grads_e), jax.tree.leaves(grads_f))]
+
+  def logit_diff(a, b):
+    d = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))
+    return float(d[np.broadcast_to(real, d.shape)].max())
+
+  def grad_diffs(ga, gb):
+    return [float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
+                  / max(float(jnp.max(jnp.abs(x.astype(jnp.float32)))), 1e-30))
+            for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb))]
+
+  rel = grad_diffs(grads_e, grads_f)
+  vs32 = {f'{name}_vs_fp32': {'max_abs_logit_diff_real_tokens': logit_diff(logits_32, lg),
+                              'max_grad_diff_over_max_grad': max(grad_diffs(grads_32, g))}
+          for name, lg, g in (('einsum', logits_e, grads_e), ('flash', logits_f, grads_f))}
   metrics.emit_json_line({
       'bench': 'flash_parity', 'variant': args.variant, 'layers': args.layers, 'batch': b,
       'seq_len': t, 'dtype': args.dtype, 'device': jax.devices()[0].device_kind,
@@ -68,10 +83,10 @@ def main() -> None:
       'flash_used': model_lib.use_flash('flash', (b, t, c.num_heads, c.head_dim),
                                         (b, c.num_kv_heads, t, c.head_dim)),
       'loss_einsum': float(loss_e), 'loss_flash': float(loss_f),
-      'max_abs_logit_diff_real_tokens': float(diff[np.broadcast_to(real, diff.shape)].max()),
+      'max_abs_logit_diff_real_tokens': logit_diff(logits_e, logits_f),
       'max_abs_logit': float(np.abs(np.asarray(logits_e, np.float32)).max()),
       'max_grad_diff_over_max_grad': max(rel),
-      'median_grad_diff_over_max_grad': float(np.median(rel)),
+      'median_grad_diff_over_max_grad': float(np.median(rel)), **vs32,
   }, args.output)
 
 
