@@ -54,8 +54,7 @@ def _einsum_fn(c, positions, segment_ids, dtype):
 
 def _flash_fn(c, positions, segment_ids, blocks=fa.Blocks()):
   def fn(q, keys, vals):
-    q = q * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q.dtype)  # as attention.attend scales
-    return fa.flash_attention(q, jnp.swapaxes(keys, 1, 2), jnp.swapaxes(vals, 1, 2), positions,
+    return fa.flash_attention(attention.scale_queries(c, q), jnp.swapaxes(keys, 1, 2), jnp.swapaxes(vals, 1, 2), positions,
                               segment_ids, None, softcap=c.attn_logit_softcap, blocks=blocks)
   return fn
 
@@ -75,7 +74,7 @@ def _sweep(c, name, args, emit) -> None:
   """Each flash kernel alone under each candidate tile of SWEEP."""
   q, keys, vals, cot, positions, segment_ids = args
   bf = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
-  q = bf(q) * jnp.asarray(c.query_pre_attn_scalar ** -0.5, jnp.bfloat16)
+  q = attention.scale_queries(c, bf(q))
   k, v, do = bf(jnp.swapaxes(keys, 1, 2)), bf(jnp.swapaxes(vals, 1, 2)), bf(cot)
   window = jnp.full((1,), fa.NO_WINDOW, jnp.int32)
   cap = c.attn_logit_softcap
@@ -87,9 +86,7 @@ def _sweep(c, name, args, emit) -> None:
   arrays = (q, k, v, positions, segment_ids, window, lse, delta, do)
   for kernel, tiles in SWEEP.items():
     for bq, bk, warps, stages in tiles:
-      blocks = dataclasses.replace(fa.Blocks(), **{
-          f'{kernel}_q': bq, f'{kernel}_k': bk, f'{kernel}_warps': warps,
-          f'{kernel}_stages': stages})
+      blocks = dataclasses.replace(fa.Blocks(), **{kernel: fa.Tile(bq, bk, warps, stages)})
 
       def fn(q, k, v, pos, seg, window, lse, delta, do, kernel=kernel, blocks=blocks):
         if kernel == 'fwd':

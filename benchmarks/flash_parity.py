@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import flash_attention
 from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.training import metrics
 
@@ -80,7 +81,7 @@ def main() -> None:
       'bench': 'flash_parity', 'variant': args.variant, 'layers': args.layers, 'batch': b,
       'seq_len': t, 'dtype': args.dtype, 'device': jax.devices()[0].device_kind,
       'date': datetime.date.today().isoformat(), 'jax': jax.__version__,
-      'flash_used': model_lib.use_flash('flash', (b, t, c.num_heads, c.head_dim),
+      'flash_used': flash_attention.use('flash', (b, t, c.num_heads, c.head_dim),
                                         (b, c.num_kv_heads, t, c.head_dim)),
       'loss_einsum': float(loss_e), 'loss_flash': float(loss_f),
       'max_abs_logit_diff_real_tokens': logit_diff(logits_e, logits_f),

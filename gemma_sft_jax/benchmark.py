@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from gemma_sft_jax import runner
 from gemma_sft_jax.model import sharding
-from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.model import flash_attention
 from gemma_sft_jax.training import metrics as metrics_lib
 from gemma_sft_jax.training import train as train_lib
 from gemma_sft_jax.weights import models
@@ -120,7 +120,7 @@ def _bench(config, steps, output, breakdown, tag, profile):
       d_attn=c.num_heads * c.head_dim, lora=config.tuning_method == 'lora')
   tps = b * t / step_s
   # The attention the step ran (model.attention 'auto' resolves per backend and shape).
-  flash = model_lib.use_flash(config.model.attention, (b, t, c.num_heads, c.head_dim),
+  flash = flash_attention.use(config.model.attention, (b, t, c.num_heads, c.head_dim),
                               (b, c.num_kv_heads, t, c.head_dim), setup.model.activation_sharding)
   attention = 'flash' if flash else 'einsum'
   device = jax.devices()[0].device_kind

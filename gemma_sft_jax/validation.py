@@ -21,6 +21,7 @@ import ml_collections
 
 from gemma_sft_jax.evaluation import gsm8k
 from gemma_sft_jax.model import architecture
+from gemma_sft_jax.model import flash_attention
 from gemma_sft_jax.model import sharding
 from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.training import metrics
@@ -58,7 +59,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     'model.dtype': _one_of(*_DTYPES),
     'model.param_dtype': _one_of(*_DTYPES),
     'model.logits_dtype': _one_of(*_DTYPES),
-    'model.attention': _one_of(*model_lib.ATTENTION_IMPLS),
+    'model.attention': _one_of(*flash_attention.IMPLS),
     'lora.alpha': _above(0),
     'lora.dropout': _between(0, 1, high_open=True),
     'lora.base_sharding': _one_of(*sharding.BASE_SHARDINGS),
@@ -148,9 +149,9 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     raise ValueError(str(e)) from None
   m = c.model
   seq = c.train.seq_len
-  if m.attention == 'flash' and not (seq >= 64 and seq & (seq - 1) == 0):
-    raise _bad('train.seq_len', seq, "a power of two >= 64 for model.attention='flash' (or use "
-               "'auto' or 'einsum')")
+  if m.attention == 'flash' and not flash_attention.takes_length(seq):
+    raise _bad('train.seq_len', seq, f'a power of two >= {flash_attention.Blocks().longest()} '
+               "for model.attention='flash' (or use 'auto' or 'einsum')")
   if not m.checkpoint and m.variant not in architecture.VARIANTS:
     raise _bad('model.variant', m.variant, 'one of ' + ', '.join(architecture.VARIANTS))
   if not m.checkpoint and not m.tokenizer:

@@ -6,6 +6,8 @@ import atexit
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -38,6 +40,17 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.3)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The full GSM8K shipped with the package (GSM8K_DIR: another copy, e.g. the uncompressed files).
 GSM8K_DIR = os.environ.get('GSM8K_DIR', gsm8k.BUNDLED_DIR)
+
+
+def run_on_cpu_devices(script: str, devices: int, *args: str, timeout: int = 300
+                       ) -> subprocess.CompletedProcess:
+  """`python -c script *args` in the repository root, on `devices` fake CPU devices, output
+  captured."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=xla_flags(f'--xla_force_host_platform_device_count={devices}'),
+             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
+  return subprocess.run([sys.executable, '-c', script, *args], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def write_hf_checkpoint(path, hf_config: dict, seed: int = 0):

@@ -1,9 +1,6 @@
 """The 8-bit AdamW update as one Pallas kernel (gemma_sft_jax.training.adam_kernel) against the
 XLA update it replaces on GPUs, run here in the Pallas interpreter; and its lowering to Triton."""
 
-import os
-import subprocess
-import sys
 import textwrap
 import types
 
@@ -16,9 +13,7 @@ from gemma_sft_jax.training import adam_kernel
 from gemma_sft_jax.training import optimizer as opt
 from gemma_sft_jax.training import quantization as quant
 from gemma_sft_jax.training import update as update_lib
-from tests.conftest import xla_flags
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import run_on_cpu_devices
 
 
 def _problem(param_dtype):
@@ -221,9 +216,5 @@ def test_kernel_on_an_8_device_mesh_equals_one_device():
   """Per device shard (fsdp x tensor on 8 CPU devices, interpreted), the kernel's weights and
   codes equal XLA's update on one device: bf16 weights stochastically rounded with the bits of
   each element's index in the whole array, whichever shard holds it."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8'),
-             JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
-  proc = subprocess.run([sys.executable, '-c', _MESH_SCRIPT], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  proc = run_on_cpu_devices(_MESH_SCRIPT, 8)
   assert proc.returncode == 0 and 'MESH_KERNEL_OK' in proc.stdout, proc.stdout + proc.stderr[-3000:]

@@ -2,8 +2,6 @@
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 from typing import NamedTuple
 
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 
 from gemma_sft_jax.training import checkpointing
-from tests.conftest import xla_flags
+from tests.conftest import run_on_cpu_devices
 
 
 class _Moments(NamedTuple):  # Like an optax state: NamedTuples must survive the round trip.
@@ -205,12 +203,7 @@ print('restored onto fsdp=8 and one device')
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
-  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8'),
-             JAX_PLATFORMS='cpu')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env['PYTHONPATH'] = os.pathsep.join(filter(None, [root, env.get('PYTHONPATH')]))
-  result = subprocess.run(
-      [sys.executable, '-c', textwrap.dedent(_OTHER_MESH_SCRIPT), str(tmp_path)],
-      env=env, capture_output=True, text=True, timeout=120, check=False)
+  result = run_on_cpu_devices(textwrap.dedent(_OTHER_MESH_SCRIPT), 8, str(tmp_path),
+                              timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'restored onto fsdp=8 and one device' in result.stdout

@@ -2,9 +2,6 @@
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -14,7 +11,7 @@ import pytest
 from gemma_sft_jax.evaluation import gsm8k
 from gemma_sft_jax.training import data
 from gemma_sft_jax.weights import tokenizer as tokenizer_lib
-from tests.conftest import xla_flags
+from tests.conftest import run_on_cpu_devices
 
 BOS, EOS, PAD = 2, 1, 0
 TOK = tokenizer_lib.load_tokenizer('byte')
@@ -253,11 +250,7 @@ def test_to_global_array_shards_rows_over_4_cpu_devices():
         np.testing.assert_array_equal(np.asarray(shard.data), local[k][rows])
     print('OK', len(out))
   ''')
-  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=4'),
-             JAX_PLATFORMS='cpu')
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, '-c', code], env=env, cwd=root, capture_output=True,
-                        text=True, timeout=120)
+  proc = run_on_cpu_devices(code, 4, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == 'OK 5'
 

@@ -2,9 +2,6 @@
 with each."""
 
 import dataclasses
-import os
-import subprocess
-import sys
 import types
 
 import jax
@@ -16,11 +13,9 @@ from gemma_sft_jax.model import architecture
 from gemma_sft_jax.model import attention
 from gemma_sft_jax.model import flash_attention as fa
 from gemma_sft_jax.model import transformer as model_lib
-from tests.conftest import xla_flags
+from tests.conftest import run_on_cpu_devices
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-SMALL = fa.Blocks(fwd_q=16, fwd_k=16, dkv_q=16, dkv_k=32, dq_q=32, dq_k=16)
+SMALL = fa.Blocks(fwd=fa.Tile(16, 16, 4, 2), dkv=fa.Tile(16, 32, 4, 2), dq=fa.Tile(32, 16, 4, 2))
 # bf16 tolerance: both paths round queries, keys, values and probabilities to bf16 and accumulate
 # in fp32, in different orders; on values of order 1-6 they differ by one or two bf16 ulps.
 BF16_ATOL = 0.04
@@ -55,11 +50,8 @@ def _both(c, q, k, v, pos, seg, local, dtype, blocks=SMALL):
     return attention.attend(c, q, k, v, pos, seg, pos, seg, local, None, dtype=dtype)
 
   def flash(q, k, v):
-    window = c.sliding_window if (local is True and c.sliding_window) else None
-    if not isinstance(local, bool):
-      window = jnp.where(local, c.sliding_window, fa.NO_WINDOW)
-    scaled = q * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q.dtype)
-    return fa.flash_attention(scaled, k, v, pos, seg, window, softcap=c.attn_logit_softcap,
+    return fa.flash_attention(attention.scale_queries(c, q), k, v, pos, seg,
+                              attention.layer_window(c, local), softcap=c.attn_logit_softcap,
                               blocks=blocks, interpret=True)
 
   def out_and_grads(fn, args):
@@ -196,26 +188,27 @@ def test_remat_keeps_the_flash_forward_by_name():
     model_lib.remat_policy('save:attn')
 
 
-def test_use_flash_dispatch():
+def test_dispatch():
   q, k = (8, 512, 16, 256), (8, 8, 512, 256)
-  assert not model_lib.use_flash('einsum', q, k)
-  assert model_lib.use_flash('flash', q, k)
+  assert not fa.use('einsum', q, k)
+  assert fa.use('flash', q, k)
   # 'auto' takes the kernels on GPU only.
-  assert model_lib.use_flash('auto', q, k) == (jax.default_backend() == 'gpu')
+  assert fa.use('auto', q, k) == (jax.default_backend() == 'gpu')
   # Shapes the kernels do not take go the einsum way: not a power of two, init's one token,
   # three query heads per kv head.
-  assert not model_lib.use_flash('flash', (8, 384, 16, 256), (8, 8, 384, 256))
-  assert not model_lib.use_flash('flash', (1, 1, 16, 256), (1, 8, 1, 256))
-  assert not model_lib.use_flash('flash', (1, 64, 9, 16), (1, 3, 64, 16))
+  assert not fa.use('flash', (8, 384, 16, 256), (8, 8, 384, 256))
+  assert not fa.use('flash', (1, 1, 16, 256), (1, 8, 1, 256))
+  assert not fa.use('flash', (1, 64, 9, 16), (1, 3, 64, 16))
   with pytest.raises(ValueError, match='model.attention'):
-    model_lib.use_flash('fast', q, k)
+    fa.use('fast', q, k)
   # On a mesh the kernels see each device's share; rows or heads that do not split evenly go
   # the einsum way.
-  mesh = types.SimpleNamespace(shape={'data': 1, 'fsdp': 2, 'tensor': 4})
+  mesh = types.SimpleNamespace(shape={'data': 1, 'fsdp': 2, 'tensor': 4},
+                               axis_names=('data', 'fsdp', 'tensor'))
   act = types.SimpleNamespace(mesh=mesh, spec=(('data', 'fsdp'), None, None))
-  assert model_lib.use_flash('flash', q, k, act)
-  assert not model_lib.use_flash('flash', (8, 512, 16, 256), (8, 2, 512, 256), act)
-  assert not model_lib.use_flash('flash', (3, 512, 16, 256), (3, 8, 512, 256), act)
+  assert fa.use('flash', q, k, act)
+  assert not fa.use('flash', (8, 512, 16, 256), (8, 2, 512, 256), act)
+  assert not fa.use('flash', (3, 512, 16, 256), (3, 8, 512, 256), act)
 
 
 def test_kernels_lower_to_three_triton_calls_for_cuda():
@@ -252,7 +245,7 @@ q, key, val = (jax.random.normal(kq, (b, t, n, h)), jax.random.normal(kk, (b, k,
 ct = jax.random.normal(kc, (b, t, n, h))
 pos = jnp.broadcast_to(jnp.arange(t) % 40, (b, t)).astype(jnp.int32)
 seg = jnp.broadcast_to((jnp.arange(t) >= 40) + 1, (b, t)).astype(jnp.int32)
-blocks = fa.Blocks(fwd_q=16, fwd_k=16, dkv_q=16, dkv_k=32, dq_q=32, dq_k=16)
+blocks = fa.Blocks(fwd=fa.Tile(16, 16, 4, 2), dkv=fa.Tile(16, 32, 4, 2), dq=fa.Tile(32, 16, 4, 2))
 def run(sharding):
   def step(q, key, val, ct, pos, seg):
     f = lambda q, key, val: fa.flash_attention(q, key, val, pos, seg, 20, softcap=50.0,
@@ -276,9 +269,5 @@ print('MESH_FLASH_OK')
 def test_kernels_on_an_8_device_mesh_equal_one_device():
   """Rows split over data × fsdp and heads over tensor (8 CPU devices, interpreted): the same
   output and gradients as one device."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=8'),
-             JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
-  proc = subprocess.run([sys.executable, '-c', _MESH_SCRIPT], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  proc = run_on_cpu_devices(_MESH_SCRIPT, 8)
   assert proc.returncode == 0 and 'MESH_FLASH_OK' in proc.stdout, proc.stdout + proc.stderr[-3000:]

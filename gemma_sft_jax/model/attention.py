@@ -16,7 +16,8 @@ from gemma_sft_jax.model import architecture
 
 Array = jax.Array
 
-_NEG_INF = -2.3819763e38  # Finite, so fully masked rows (padding) give a uniform softmax, not NaN.
+NEG_INF = -2.3819763e38  # Finite, so fully masked rows (padding) give a uniform softmax, not NaN.
+NO_WINDOW = 1 << 30  # A traced window of a global layer: farther than any sequence.
 
 
 def rope(x: Array, positions: Array, base: float, scale: float) -> Array:
@@ -40,6 +41,21 @@ def attention_mask(q_pos: Array, q_seg: Array, k_pos: Array, k_seg: Array,
   return mask
 
 
+def layer_window(c: architecture.ModelConfig, local: Any) -> Any:
+  """A layer's sliding window for `attention_mask`: `local` is a Python bool, a traced bool
+  (scanned layers: the window is then NO_WINDOW where it is False) or None (global)."""
+  if c.sliding_window is None or local is None or local is False:
+    return None
+  if local is True:
+    return c.sliding_window
+  return jnp.where(local, c.sliding_window, NO_WINDOW)
+
+
+def scale_queries(c: architecture.ModelConfig, q: Array) -> Array:
+  """Queries scaled by query_pre_attn_scalar^-1/2, in their dtype."""
+  return q * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q.dtype)
+
+
 def attend(c: architecture.ModelConfig, q: Array, key: Array, val: Array, positions: Array,
            segment_ids: Array, k_pos: Array, k_seg: Array, local: Any,
            shared: dict[str, Array] | None, *, dtype: Any) -> Array:
@@ -60,8 +76,7 @@ def attend(c: architecture.ModelConfig, q: Array, key: Array, val: Array, positi
   """
   b, t, n, h = q.shape
   k = c.num_kv_heads
-  q = q * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q.dtype)
-  q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
+  q = scale_queries(c, q).reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
   # Scores as [B, K, T, G, S]: the order a batched matmul over (B, K) yields (the query's free
   # axes, then the key's), so the softmax runs over the minor axis and nothing is transposed.
   logits = jnp.einsum('BTKGH,BKSH->BKTGS', q, key, preferred_element_type=jnp.float32)
@@ -76,13 +91,8 @@ def attend(c: architecture.ModelConfig, q: Array, key: Array, val: Array, positi
     k_seg = jnp.concatenate([rows(shared['seg']), k_seg], axis=1)
   if c.attn_logit_softcap is not None:
     logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-  if isinstance(local, bool) or c.sliding_window is None:
-    window = c.sliding_window if local is True else None
-    mask = attention_mask(positions, segment_ids, k_pos, k_seg, window)
-  else:
-    full = attention_mask(positions, segment_ids, k_pos, k_seg, None)
-    mask = full & (~local | (positions[:, :, None] - k_pos[:, None, :] < c.sliding_window))
-  logits = jnp.where(mask[:, None, :, None], logits, _NEG_INF)
+  mask = attention_mask(positions, segment_ids, k_pos, k_seg, layer_window(c, local))
+  logits = jnp.where(mask[:, None, :, None], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
   if shared is not None:  # The two parts of the weighted sum, added in fp32.
     split = shared_k.shape[1]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -35,45 +36,101 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import PartitionSpec as P
 
+from gemma_sft_jax.model.attention import NEG_INF, NO_WINDOW
+
 Array = jax.Array
 
-_NEG_INF = -2.3819763e38  # attention._NEG_INF: a masked score (finite: no inf - inf).
-NO_WINDOW = 1 << 30  # The window of a global layer: farther than any sequence.
+IMPLS = ('einsum', 'flash', 'auto')  # config model.attention
+FORWARD_KERNEL = 'flash_attention_fwd'  # the forward pallas_call's name (see keeps_forward)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+  """One kernel's tile: queries × keys per loop step, warps per program, the loop's pipeline
+  stages."""
+  q: int
+  k: int
+  warps: int
+  stages: int
+
+  def params(self) -> pltriton.CompilerParams:
+    return pltriton.CompilerParams(num_warps=self.warps, num_stages=self.stages)
 
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-  """Tiles of the forward, key-gradient and query-gradient kernels: queries × keys per loop step,
-  warps per program, pipeline stages of the loop. The defaults are the fastest of a sweep at
-  Gemma 2 9B's shapes on an H200 (`benchmarks/attention_kernels.py --sweep`, BENCHMARKS.md)."""
-  fwd_q: int = 64
-  fwd_k: int = 64
-  fwd_warps: int = 4
-  fwd_stages: int = 3
-  dkv_q: int = 64
-  dkv_k: int = 32
-  dkv_warps: int = 4
-  dkv_stages: int = 2
-  dq_q: int = 64
-  dq_k: int = 64
-  dq_warps: int = 4
-  dq_stages: int = 2
+  """Tiles of the forward, key-gradient and query-gradient kernels. The defaults are the fastest
+  of a sweep at Gemma 2 9B's shapes on an H200 (`benchmarks/attention_kernels.py --sweep`,
+  BENCHMARKS.md)."""
+  fwd: Tile = Tile(64, 64, 4, 3)
+  dkv: Tile = Tile(64, 32, 4, 2)
+  dq: Tile = Tile(64, 64, 4, 2)
+
+  def longest(self) -> int:
+    return max(max(t.q, t.k) for t in (self.fwd, self.dkv, self.dq))
 
 
 def _pow2(n: int) -> bool:
   return n > 0 and n & (n - 1) == 0
 
 
+def takes_length(t: int, blocks: Blocks = Blocks()) -> bool:
+  """Whether the kernels take sequences of t tokens: Triton's power-of-two tiles dividing them."""
+  return _pow2(t) and t >= blocks.longest()
+
+
 def applicable(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
                blocks: Blocks = Blocks()) -> bool:
   """Whether the kernels take queries [B, T, N, H] against keys [B, K, S, H] (per device): one
-  sequence attending to itself (T == S), Triton's power-of-two tiles dividing it, whole groups of
-  query heads (G a power of two)."""
+  sequence attending to itself (T == S) of a length they take, whole groups of query heads
+  (G a power of two)."""
   _, t, n, h = q_shape
   _, k, s, hk = k_shape
-  sizes = (blocks.fwd_q, blocks.fwd_k, blocks.dkv_q, blocks.dkv_k, blocks.dq_q, blocks.dq_k)
-  return (t == s and h == hk and n % k == 0 and _pow2(n // k) and _pow2(t) and _pow2(h)
-          and h >= 16 and all(t >= b for b in sizes))
+  return (t == s and h == hk and n % k == 0 and _pow2(n // k) and _pow2(h) and h >= 16
+          and takes_length(t, blocks))
+
+
+def _mesh_axes(sharding: Any) -> tuple[Any, str | None]:
+  """(the rows' mesh axes, the heads' mesh axis or None) of the kernels' `shard_map`."""
+  heads = 'tensor' if 'tensor' in sharding.mesh.axis_names else None
+  return sharding.spec[0], heads
+
+
+def use(impl: str, q_shape: tuple[int, ...], k_shape: tuple[int, ...],
+        sharding: Any = None) -> bool:
+  """Whether attention of queries [B, T, N, H] to keys [B, K, S, H] without a cache runs as
+  these kernels under `model.attention` = impl ('einsum' | 'flash' | 'auto').
+
+  Both 'flash' and 'auto' take them where they apply (`applicable` to each device's share under
+  `sharding`, the activations' NamedSharding; shorter calls such as `init`'s take the einsum
+  path): 'auto' on GPU only, 'flash' on any backend (the Pallas interpreter off GPU).
+  `validation` checks that a 'flash' run's train.seq_len suits them (`takes_length`).
+  """
+  if impl not in IMPLS:
+    raise ValueError(f'model.attention: {impl!r} is not one of {", ".join(IMPLS)}')
+  if impl == 'einsum' or (impl == 'auto' and jax.default_backend() != 'gpu'):
+    return False
+  q_local, k_local = list(q_shape), list(k_shape)
+  if sharding is not None:
+    rows_axes, heads_axis = _mesh_axes(sharding)
+    sizes = dict(sharding.mesh.shape)
+    rows = math.prod(sizes[a] for a in (
+        rows_axes if isinstance(rows_axes, tuple) else (rows_axes,)) if a)
+    heads = sizes[heads_axis] if heads_axis else 1
+    if q_local[0] % rows or q_local[2] % heads or k_local[1] % heads:
+      return False  # Rows or heads that do not split evenly: the einsum path (GSPMD) takes them.
+    q_local[0] //= rows
+    k_local[0] //= rows
+    q_local[2] //= heads
+    k_local[1] //= heads
+  return applicable(tuple(q_local), tuple(k_local))
+
+
+def keeps_forward(prim, *_, **params) -> bool:
+  """A remat policy: keep the forward kernel's outputs (attention's output and log-sum-exp), so
+  the backward pass does not run it again."""
+  return prim.name == 'pallas_call' and any(
+      FORWARD_KERNEL in str(v) for k, v in params.items() if 'name' in k)
 
 
 def _dot(a: Array, b: Array) -> Array:
@@ -124,7 +181,7 @@ def _forward_kernel(window_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_re
     keys = pl.ds(j * bk, bk)
     s = _scores(q, k_ref[keys, :], softcap)
     mask = _mask(q_start, j * bk, bq, bk, q_pos, q_seg, kpos_ref[keys], kseg_ref[keys], window)
-    s = jnp.where(mask, s, _NEG_INF)
+    s = jnp.where(mask, s, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.exp(s - m_new[:, None])
     alpha = jnp.exp(m - m_new)
@@ -132,7 +189,7 @@ def _forward_kernel(window_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_re
     return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
   h = q_ref.shape[-1]
-  init = (jnp.zeros((bq, h), jnp.float32), jnp.full((bq,), _NEG_INF, jnp.float32),
+  init = (jnp.zeros((bq, h), jnp.float32), jnp.full((bq,), NEG_INF, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
   lo, hi = _key_blocks(q_start, bq, bk, window)
   acc, m, l = jax.lax.fori_loop(lo, hi, body, init)
@@ -197,9 +254,13 @@ def _query_grads_kernel(window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
+def _window_spec():
+  return pl.BlockSpec((1,), lambda *_: (0,))
+
+
 def _specs(t: int, h: int, groups: int):
   """BlockSpecs over grids (block, B, head) for the kernels' operands."""
-  window = pl.BlockSpec((1,), lambda *_: (0,))
+  window = _window_spec()
   heads = lambda bq: pl.BlockSpec((None, bq, None, h), lambda i, b, n: (b, i, n, 0))  # noqa: E731
   kv_of_head = pl.BlockSpec((None, None, t, h), lambda i, b, n: (b, n // groups, 0, 0))
   rows = lambda bq: pl.BlockSpec((None, bq), lambda i, b, n: (b, i))  # noqa: E731
@@ -208,16 +269,11 @@ def _specs(t: int, h: int, groups: int):
   return window, heads, kv_of_head, rows, whole_row, stats
 
 
-def _params(blocks: Blocks, kernel: str):
-  return pltriton.CompilerParams(num_warps=getattr(blocks, f'{kernel}_warps'),
-                                 num_stages=getattr(blocks, f'{kernel}_stages'))
-
-
 def _forward(q, k, v, pos, seg, window, softcap, blocks: Blocks, interpret: bool):
   b, t, n, h = q.shape
   groups = n // k.shape[1]
   win, heads, kv_of_head, rows, whole_row, stats = _specs(t, h, groups)
-  bq, bk = blocks.fwd_q, blocks.fwd_k
+  bq, bk = blocks.fwd.q, blocks.fwd.k
   o, lse = pl.pallas_call(
       functools.partial(_forward_kernel, softcap=softcap, bq=bq, bk=bk),
       grid=(t // bq, b, n),
@@ -226,8 +282,7 @@ def _forward(q, k, v, pos, seg, window, softcap, blocks: Blocks, interpret: bool
       out_specs=[heads(bq), stats(bq)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
-      interpret=interpret, compiler_params=_params(blocks, 'fwd'),
-      name='flash_attention_fwd',
+      interpret=interpret, compiler_params=blocks.fwd.params(), name=FORWARD_KERNEL,
   )(window, q, k, v, pos, seg, pos, seg)
   return o, lse
 
@@ -238,8 +293,7 @@ def _key_grads(q, k, v, pos, seg, window, lse, delta, do, softcap, blocks: Block
   b, t, n, h = q.shape
   kv = k.shape[1]
   groups = n // kv
-  bq, bk = blocks.dkv_q, blocks.dkv_k
-  win = _specs(t, h, groups)[0]
+  bq, bk = blocks.dkv.q, blocks.dkv.k
   group_rows = pl.BlockSpec((None, t, groups, h), lambda j, b, m: (b, 0, m, 0))
   group_stats = pl.BlockSpec((None, groups, t), lambda j, b, m: (b, m, 0))
   key_block = pl.BlockSpec((None, None, bk, h), lambda j, b, m: (b, m, j, 0))
@@ -249,12 +303,11 @@ def _key_grads(q, k, v, pos, seg, window, lse, delta, do, softcap, blocks: Block
       functools.partial(_key_grads_kernel, softcap=softcap, bq=bq, bk=bk, groups=groups,
                         num_q_blocks=t // bq),
       grid=(t // bk, b, kv),
-      in_specs=[win, group_rows, key_block, key_block, group_rows, group_stats, group_stats,
-                query_rows, query_rows, key_rows, key_rows],
+      in_specs=[_window_spec(), group_rows, key_block, key_block, group_rows, group_stats,
+                group_stats, query_rows, query_rows, key_rows, key_rows],
       out_specs=[key_block, key_block],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      interpret=interpret, compiler_params=_params(blocks, 'dkv'),
-      name='flash_attention_dkv',
+      interpret=interpret, compiler_params=blocks.dkv.params(), name='flash_attention_dkv',
   )(window, q, k, v, do, lse, delta, pos, seg, pos, seg)
 
 
@@ -263,7 +316,7 @@ def _query_grads(q, k, v, pos, seg, window, lse, delta, do, softcap, blocks: Blo
   """dq [B, T, N, H]: a program per block of queries of one head and row."""
   b, t, n, h = q.shape
   win, heads, kv_of_head, rows, whole_row, stats = _specs(t, h, n // k.shape[1])
-  bq, bk = blocks.dq_q, blocks.dq_k
+  bq, bk = blocks.dq.q, blocks.dq.k
   return pl.pallas_call(
       functools.partial(_query_grads_kernel, softcap=softcap, bq=bq, bk=bk),
       grid=(t // bq, b, n),
@@ -271,8 +324,7 @@ def _query_grads(q, k, v, pos, seg, window, lse, delta, do, softcap, blocks: Blo
                 rows(bq), rows(bq), whole_row, whole_row],
       out_specs=heads(bq),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      interpret=interpret, compiler_params=_params(blocks, 'dq'),
-      name='flash_attention_dq',
+      interpret=interpret, compiler_params=blocks.dq.params(), name='flash_attention_dq',
   )(window, q, k, v, do, lse, delta, pos, seg, pos, seg)
 
 
@@ -330,10 +382,9 @@ def flash_attention(q: Array, key: Array, val: Array, positions: Array, segment_
     return _attention(q, k, v, pos, seg, window, softcap, blocks, interpret)
   if sharding is None:
     return fn(q, key, val, pos, seg, window)
-  mesh, batch = sharding.mesh, sharding.spec[0]
-  heads = 'tensor' if 'tensor' in mesh.axis_names else None
+  batch, heads = _mesh_axes(sharding)
   return jax.shard_map(
-      fn, mesh=mesh,
+      fn, mesh=sharding.mesh,
       in_specs=(P(batch, None, heads, None), P(batch, heads, None, None),
                 P(batch, heads, None, None), P(batch, None), P(batch, None), P()),
       out_specs=P(batch, None, heads, None), check_vma=False,

@@ -60,38 +60,6 @@ def rms_norm(x: Array, scale: Array, eps: float) -> Array:
   return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-ATTENTION_IMPLS = ('einsum', 'flash', 'auto')
-
-
-def use_flash(impl: str, q_shape: tuple[int, ...], k_shape: tuple[int, ...],
-              sharding: Any = None) -> bool:
-  """Whether attention of queries [B, T, N, H] to keys [B, K, S, H] without a cache runs as
-  flash_attention's kernels under `model.attention` = impl ('einsum' | 'flash' | 'auto').
-
-  Both 'flash' and 'auto' take them where they apply (`flash_attention.applicable` to each
-  device's share; shorter calls such as `init`'s take the einsum path): 'auto' on GPU only,
-  'flash' on any backend (the Pallas interpreter off GPU). `validation` checks that a 'flash'
-  run's train.seq_len suits them.
-  """
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f'model.attention: {impl!r} is not one of {", ".join(ATTENTION_IMPLS)}')
-  if impl == 'einsum' or (impl == 'auto' and jax.default_backend() != 'gpu'):
-    return False
-  q_local, k_local = list(q_shape), list(k_shape)
-  if sharding is not None:
-    sizes = dict(sharding.mesh.shape)
-    batch = sharding.spec[0]
-    rows = math.prod(sizes[a] for a in (batch if isinstance(batch, tuple) else (batch,)) if a)
-    tensor = sizes.get('tensor', 1)
-    if q_local[0] % rows or q_local[2] % tensor or k_local[1] % tensor:
-      return False  # Rows or heads that do not split evenly: the einsum path (GSPMD) takes them.
-    q_local[0] //= rows
-    k_local[0] //= rows
-    q_local[2] //= tensor
-    k_local[1] //= tensor
-  return flash_attention.applicable(tuple(q_local), tuple(k_local))
-
-
 class RMSNorm(nn.Module):
   eps: float
   param_dtype: Any = jnp.float32
@@ -152,7 +120,7 @@ class Attention(nn.Module):
   param_dtype: Any
   lora: dict[str, int]  # projection name -> LoRA rank (0 = none)
   lora_spec: LoraSpec
-  attention: str = 'einsum'  # 'einsum' | 'flash' | 'auto' (see use_flash)
+  attention: str = 'einsum'  # 'einsum' | 'flash' | 'auto' (flash_attention.use)
   sharding: Any = None  # NamedSharding of [B, T, D] activations (the flash kernels' shard_map).
 
   @nn.compact
@@ -202,15 +170,11 @@ class Attention(nn.Module):
     key, val = cat('k', self.dtype, 2), cat('v', self.dtype, 2)
     k_pos, k_seg = cat('pos', jnp.int32, 1), cat('seg', jnp.int32, 1)
 
-    if cache is None and shared is None and use_flash(self.attention, q.shape, key.shape,
-                                                      self.sharding):
-      window = None
-      if c.sliding_window is not None and local is not False:
-        window = c.sliding_window if local is True else jnp.where(
-            local, c.sliding_window, flash_attention.NO_WINDOW)
-      scaled = q * jnp.asarray(c.query_pre_attn_scalar ** -0.5, q.dtype)  # as attend scales
+    if cache is None and shared is None and flash_attention.use(self.attention, q.shape,
+                                                                key.shape, self.sharding):
       out = flash_attention.flash_attention(
-          scaled, key, val, positions, segment_ids, window, softcap=c.attn_logit_softcap,
+          attention.scale_queries(c, q), key, val, positions, segment_ids,
+          attention.layer_window(c, local), softcap=c.attn_logit_softcap,
           sharding=self.sharding, interpret=jax.default_backend() != 'gpu')
     else:
       out = attention.attend(c, q, key, val, positions, segment_ids, k_pos, k_seg, local,
@@ -288,12 +252,6 @@ PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', '
 ATTENTION = 'attention'  # In 'save:...': attention's output.
 
 
-def _flash_forward_outputs(prim, *_, **params) -> bool:
-  """Remat policy: keep the flash forward kernel's outputs (attention's output and log-sum-exp)."""
-  return prim.name == 'pallas_call' and any(
-      'flash_attention_fwd' in str(v) for k, v in params.items() if 'name' in k)
-
-
 def remat_policy(remat: str) -> Any:
   """The jax.checkpoint policy of `model.remat` ('none' is no remat at all: not asked here).
 
@@ -314,7 +272,8 @@ def remat_policy(remat: str) -> Any:
                        f'{", ".join(PROJECTIONS)}, and {ATTENTION!r} is attention\'s output')
     policy = jax.checkpoint_policies.save_only_these_names(*names)
     if ATTENTION in names:
-      policy = jax.checkpoint_policies.save_from_both_policies(policy, _flash_forward_outputs)
+      policy = jax.checkpoint_policies.save_from_both_policies(policy,
+                                                               flash_attention.keeps_forward)
     return policy
   if remat not in _REMAT_POLICIES:
     raise ValueError(f"model.remat: {remat!r} is not one of 'none', 'full', 'dots', 'save:...'")
