@@ -24,7 +24,8 @@ after 2 warm-up steps, tokens/s (batch * seq_len / median step; like the JAX ben
 every input position, although transformers' shifted loss scores seq_len - 1 of them), the first
 step's time, peak allocated CUDA memory (torch.cuda.max_memory_allocated; 0 on CPU; the states of
 paged_adamw_8bit live in CUDA unified memory and are not counted there), the parameter counts, the
-last loss and the library versions.
+last loss, the dtype the optimizer stores its moments in (`state_dtype`, read from its state after
+the steps) and the library versions.
 
 Attention: transformers' Gemma 2 applies the attention-logit softcap (50) only in its eager,
 flex_attention and flash-attention kernels. transformers 5 refuses `sdpa` for Gemma 2 outright, so
@@ -32,8 +33,8 @@ flex_attention and flash-attention kernels. transformers 5 refuses `sdpa` for Ge
 first step includes torch.compile). A kernel this transformers does not support for Gemma 2 is a
 one-line error.
 
-Optimizers: `adamw_fused` is torch.optim.AdamW(fused=True) with fp32 moments of the bf16 params;
-`adamw_8bit` is bitsandbytes.optim.AdamW8bit (8-bit block-wise moments in device memory, not
+Optimizers: `adamw_fused` is torch.optim.AdamW(fused=True), whose moments take their parameter's
+dtype: bf16 moments of the bf16 params, rounded to nearest; `adamw_8bit` is bitsandbytes.optim.AdamW8bit (8-bit block-wise moments in device memory, not
 paged); `paged_adamw_8bit` is bitsandbytes.optim.PagedAdamW8bit (the same, its states in CUDA
 unified memory that can page out to host). All run with weight_decay 0 and betas (0.9, 0.999).
 Full SFT trains every parameter in bf16, as the PyTorch recipe does; peft keeps the LoRA factors in
@@ -170,6 +171,14 @@ def _build_optimizer(args, params, bnb):
   return bnb.optim.PagedAdamW8bit(params, **kw)
 
 
+def _state_dtype(optimizer) -> str:
+  """The dtype(s) of the optimizer's moments: its state tensors as large as their parameter
+  (torch AdamW's exp_avg/exp_avg_sq, bitsandbytes' state1/state2), e.g. 'bfloat16' or 'uint8'."""
+  dtypes = {str(t.dtype).removeprefix('torch.') for p, state in optimizer.state.items()
+            for t in state.values() if torch.is_tensor(t) and t.numel() == p.numel() > 1}
+  return ','.join(sorted(dtypes))
+
+
 def run(args: argparse.Namespace) -> dict:
   """Builds, times and reports one configuration; returns the JSON record (see the docstring)."""
   peft = _optional('peft')
@@ -212,7 +221,7 @@ def run(args: argparse.Namespace) -> dict:
       'device': torch.cuda.get_device_name() if cuda else 'cpu',
       'optimizer': args.optimizer, 'gradient_checkpointing': args.gradient_checkpointing,
       'attn_implementation': model.config._attn_implementation,  # pylint: disable=protected-access
-      'param_dtype': 'bfloat16',
+      'param_dtype': 'bfloat16', 'state_dtype': _state_dtype(optimizer),
       'lora_rank': args.lora_rank if args.method == 'lora' else None,
       'lora_alpha': args.lora_alpha if args.method == 'lora' else None,
       'lr': args.lr, 'trainable_params': n_trainable, 'total_params': n_total,

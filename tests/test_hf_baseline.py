@@ -57,6 +57,8 @@ def test_full(hf_baseline, tmp_path):
   _check_common(result, 'full')
   assert result['trainable_params'] == result['total_params'] > 0
   assert result['gradient_checkpointing'] is False
+  # torch's AdamW keeps its moments in the parameters' dtype: bf16, read from its state.
+  assert result['state_dtype'] == 'bfloat16'
 
 
 @pytest.mark.filterwarnings('ignore:.*is_gradient_checkpointing:FutureWarning')  # Inside peft.
@@ -65,6 +67,7 @@ def test_lora_with_checkpointing(hf_baseline, tmp_path):
                 '--gradient_checkpointing')
   _check_common(result, 'lora')
   assert result['gradient_checkpointing'] is True
+  assert result['state_dtype'] == 'float32'  # peft's LoRA factors are fp32, and so their moments.
   # Rank 4 on q/k/v/o/gate/up/down of 2 layers (hidden 64, 4x16 q heads, 2x16 kv heads, mlp 128).
   per_layer = 4 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64))
   assert result['trainable_params'] == 2 * per_layer

@@ -91,17 +91,53 @@ def test_saved_logits_match_recomputed(chunk_size, logits_dtype):
     assert g.dtype == ref.dtype and np.abs(np.asarray(ref, np.float32)).max() > 0
     _assert_close(g, ref, rtol=1e-6)
 
-  def dot_count(save_logits):
+  def logits_matmuls(save_logits):
+    """(matmuls emitting a chunk's [N, C] logits in the step's jaxpr, of them inside loops)."""
     def mean_loss(h, e):
       loss_sum, weight_sum = loss.chunked_cross_entropy(h, e, *inputs[2:], save_logits=save_logits,
                                                         **kw)
       return loss_sum / weight_sum
-    return len(_dot_operand_dtypes(jax.make_jaxpr(jax.grad(mean_loss, argnums=(0, 1)))(
-        *inputs[:2]).jaxpr))
-  # The backward recomputes with 3 dots per chunk, or reads the saved logits with 2: one dot
-  # fewer in the loop's body, and in the remainder chunk where there is one.
-  remainder = chunk_size < V and V % chunk_size
-  assert dot_count(False) - dot_count(True) == (2 if remainder else 1)
+    found, widths = [], {min(chunk_size, V), V % chunk_size} - {D, 0}
+
+    def walk(jaxpr, in_loop):
+      for eqn in jaxpr.eqns:
+        if eqn.primitive.name == 'dot_general':
+          shape = eqn.outvars[0].aval.shape
+          if len(shape) == 2 and shape[0] == B * T and shape[1] in widths:
+            found.append(in_loop)
+        for param in eqn.params.values():
+          for sub in param if isinstance(param, (tuple, list)) else (param,):
+            inner = getattr(sub, 'jaxpr', sub)
+            if hasattr(inner, 'eqns'):
+              walk(inner, in_loop or eqn.primitive.name in ('scan', 'while'))
+    walk(jax.make_jaxpr(jax.grad(mean_loss, argnums=(0, 1)))(*inputs[:2]).jaxpr, False)
+    return len(found), sum(found)
+  # Saved: each chunk's logits come from one matmul, straight-line (no loop, no buffer to copy
+  # them into). Recomputed: the loop over the full chunks and the remainder chunk emit them in
+  # both passes.
+  full, remainder = divmod(V, min(chunk_size, V))
+  assert logits_matmuls(True) == (full + bool(remainder), 0)
+  assert logits_matmuls(False) == (2 * (bool(full) + bool(remainder)), 2 * bool(full))
+
+
+@pytest.mark.parametrize('softcap', [30.0, 60.0])  # Shifted by the cap, and by the running max.
+def test_saturated_softcap_logits(softcap):
+  """Every logit pushed near -cap, where the shifted exponentials are smallest: the loss and its
+  gradients equal the naive loss's in both logsumexp shifts (a shift by a cap of 60 would
+  underflow them to zero here)."""
+  hidden, embedding, targets, weights = _inputs(seed=7)
+  hidden = -10.0 * jnp.abs(hidden)
+  embedding = jnp.abs(embedding)
+  for save in (False, True):
+    value, grads = _mean_loss_and_grads(loss.chunked_cross_entropy, hidden, embedding, targets,
+                                        weights, softcap=softcap, chunk_size=50, save_logits=save)
+    ref_value, ref_grads = _mean_loss_and_grads(loss.naive_cross_entropy, hidden, embedding,
+                                                targets, weights, softcap=softcap)
+    assert np.isfinite(float(value))
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, ref in zip(grads, ref_grads):
+      assert np.abs(np.asarray(ref)).max() > 0
+      _assert_close(g, ref, rtol=1e-4)
 
 
 def test_chunked_sums_match_naive_sums():

@@ -25,6 +25,11 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+# A softcap up to this shifts the logsumexp by the cap in one pass (`_forward_stats`): the
+# smallest term, exp(-2 cap) = 1.8e-35 at 40, stays a normal fp32 number (>= 1.2e-38), so it is
+# neither flushed to zero on GPUs nor less exact than the others. Gemma 2's cap is 30.
+MAX_SHIFT_CAP = 40.0
+
 
 def _raw_logits(hidden_ND: Array, embedding_CD: Array, logits_dtype: Any) -> Array:
   """The chunk matmul's output [N, C] in `logits_dtype` (accumulated in fp32 inside the dot)."""
@@ -50,12 +55,17 @@ def _logits(hidden_ND: Array, embedding_CD: Array, softcap: float | None,
   return _capped(_raw_logits(hidden_ND, embedding_CD, logits_dtype), softcap)
 
 
-def _over_chunks(fn, carry, vocab_size: int, chunk_size: int):
-  """Folds `fn(carry, start, width)` over the vocabulary: a loop over the full chunks, then the
-  remainder as one narrower chunk of static width, so no padded copy of the embedding is made and
-  no columns need masking."""
+def _over_chunks(fn, carry, vocab_size: int, chunk_size: int, unroll: bool = False):
+  """Folds `fn(carry, start, width)` over the vocabulary: the full chunks, then the remainder as
+  one narrower chunk of static width, so no padded copy of the embedding is made and no columns
+  need masking. The full chunks run in a loop (one chunk's blocks alive at a time), or, with
+  `unroll`, as straight-line code with static starts: then `fn` may grow the carry (e.g. append
+  each chunk's matmul output to a tuple) and XLA schedules the chunks as separate ops."""
   num_full, rem = divmod(vocab_size, chunk_size)
-  if num_full:
+  if unroll:
+    for i in range(num_full):
+      carry = fn(carry, i * chunk_size, chunk_size)
+  elif num_full:
     carry = jax.lax.fori_loop(0, num_full, lambda i, c: fn(c, i * chunk_size, chunk_size), carry)
   if rem:
     carry = fn(carry, num_full * chunk_size, rem)
@@ -69,39 +79,47 @@ def _is_target(targets_N: Array, start: Any, width: int) -> Array:
 
 def _forward_stats(hidden_ND, embedding_VD, targets_N, softcap, chunk_size, logits_dtype,
                    save_logits=False):
-  """Per-token logsumexp and target logit [N] in fp32, by an online logsumexp over chunks.
+  """Per-token logsumexp and target logit [N] in fp32, in one pass over the vocabulary chunks.
 
-  With `save_logits`, also the matmul's output of every chunk (`logits_dtype`): [full chunks, N,
-  chunk_size] and the remainder [N, rem] (None where there is none); else (None, None).
+  The logsumexp subtracts a shift before exponentiating. Without a softcap the shift is the
+  running maximum (an online logsumexp: the sum is rescaled when the maximum grows), which needs
+  each chunk's maximum before its exponentials: two passes over the chunk's logits. With a
+  softcap every logit lies in [-cap, cap], so for a cap up to `MAX_SHIFT_CAP` the shift is the
+  constant cap: exp(logit - cap) lies in [e^-2cap, 1], never overflowing nor underflowing fp32
+  (Gemma 2's cap of 30: e^-60 ~ 1e-26): one pass, whose terms are each as exact as the rescaled
+  ones.
+
+  With `save_logits`, the chunks are unrolled (`_over_chunks(unroll=True)`) and the third result
+  is every chunk's matmul output in `logits_dtype`, a tuple in vocabulary order: each is kept as
+  the matmul wrote it, with no buffer to fill or copy it into. Else the third result is ().
   """
   n = hidden_ND.shape[0]
-  num_full, rem = divmod(embedding_VD.shape[0], chunk_size)
+  constant_shift = softcap is not None and softcap <= MAX_SHIFT_CAP
 
   def step(carry, start, width):
-    (max_N, sumexp_N, target_N), saved = carry
+    (shift_N, sumexp_N, target_N), saved = carry
     raw_NC = _raw_logits(hidden_ND, jax.lax.dynamic_slice_in_dim(embedding_VD, start, width),
                          logits_dtype)
     logits_NC = _capped(raw_NC, softcap)
-    new_max_N = jnp.maximum(max_N, logits_NC.max(axis=-1))
-    # exp(-inf - finite) = 0 on the first chunk, so the -inf start needs no special case.
-    sumexp_N = (sumexp_N * jnp.exp(max_N - new_max_N)
-                + jnp.exp(logits_NC - new_max_N[:, None]).sum(axis=-1))
+    if not constant_shift:
+      new_shift_N = jnp.maximum(shift_N, logits_NC.max(axis=-1))
+      # exp(-inf - finite) = 0 on the first chunk, so the -inf start needs no special case.
+      sumexp_N = sumexp_N * jnp.exp(shift_N - new_shift_N)
+    else:
+      new_shift_N = shift_N
+    sumexp_N += jnp.exp(logits_NC - new_shift_N[:, None]).sum(axis=-1)
     # Exactly one chunk holds each target; a masked sum is a fused reduction, not a gather.
     target_N += jnp.where(_is_target(targets_N, start, width), logits_NC, 0.0).sum(axis=-1)
-    if save_logits and width == chunk_size:
-      saved = (jax.lax.dynamic_update_index_in_dim(saved[0], raw_NC, start // chunk_size, 0),
-               saved[1])
-    elif save_logits:
-      saved = (saved[0], raw_NC)
-    return (new_max_N, sumexp_N, target_N), saved
+    if save_logits:
+      saved += (raw_NC,)
+    return (new_shift_N, sumexp_N, target_N), saved
 
-  init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
+  shift = softcap if constant_shift else -jnp.inf
+  init = (jnp.full((n,), shift, jnp.float32), jnp.zeros((n,), jnp.float32),
           jnp.zeros((n,), jnp.float32))
-  saved = (jnp.zeros((num_full, n, chunk_size), logits_dtype) if save_logits and num_full
-           else None, None)
-  (max_N, sumexp_N, target_N), saved = _over_chunks(step, (init, saved),
-                                                     embedding_VD.shape[0], chunk_size)
-  return max_N + jnp.log(sumexp_N), target_N, saved
+  (shift_N, sumexp_N, target_N), saved = _over_chunks(
+      step, (init, ()), embedding_VD.shape[0], chunk_size, unroll=save_logits)
+  return shift_N + jnp.log(sumexp_N), target_N, saved
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -130,14 +148,12 @@ def _chunked_ce_bwd(softcap, chunk_size, logits_dtype, save_logits, residuals, c
   coef_N = (g_loss * weights_N)[:, None]
 
   def step(carry, start, width):
-    d_hidden_ND, d_embedding_VD = carry
+    d_hidden_ND, d_embedding = carry
     embedding_CD = jax.lax.dynamic_slice_in_dim(embedding_VD, start, width)
-    if not save_logits:  # Recompute the chunk's logits.
+    if save_logits:  # Unrolled: `start` is a Python int.
+      raw_NC = saved[start // chunk_size]
+    else:  # Recompute the chunk's logits.
       raw_NC = _raw_logits(hidden_ND, embedding_CD, logits_dtype)
-    elif width == chunk_size:
-      raw_NC = jax.lax.dynamic_index_in_dim(saved[0], start // chunk_size, 0, keepdims=False)
-    else:
-      raw_NC = saved[1]
     logits_NC = _capped(raw_NC, softcap)
     # d CE / d logit = softmax - onehot(target), scaled by the token's weight.
     d_logits_NC = coef_N * (jnp.exp(logits_NC - lse_N[:, None])
@@ -154,13 +170,18 @@ def _chunked_ce_bwd(softcap, chunk_size, logits_dtype, save_logits, residuals, c
     # chunk under fsdp) then moves bf16, not fp32, for a bf16 embedding.
     d_embedding_CD = jnp.einsum('NC,ND->CD', d_logits_NC, hidden_ND,
                                 preferred_element_type=embedding_VD.dtype)
-    # Each vocabulary row belongs to exactly one chunk, so a write (in place in the loop) suffices.
-    d_embedding_VD = jax.lax.dynamic_update_slice_in_dim(d_embedding_VD, d_embedding_CD, start,
-                                                         axis=0)
-    return d_hidden_ND, d_embedding_VD
+    # Each vocabulary row belongs to exactly one chunk: the loop writes it in place, the
+    # unrolled chunks are joined once at the end.
+    if save_logits:
+      return d_hidden_ND, d_embedding + (d_embedding_CD,)
+    return d_hidden_ND, jax.lax.dynamic_update_slice_in_dim(d_embedding, d_embedding_CD, start,
+                                                            axis=0)
 
-  init = (jnp.zeros(hidden_ND.shape, jnp.float32), jnp.zeros_like(embedding_VD))
-  d_hidden_ND, d_embedding_VD = _over_chunks(step, init, embedding_VD.shape[0], chunk_size)
+  init = (jnp.zeros(hidden_ND.shape, jnp.float32),
+          () if save_logits else jnp.zeros_like(embedding_VD))
+  d_hidden_ND, d_embedding = _over_chunks(step, init, embedding_VD.shape[0], chunk_size,
+                                          unroll=save_logits)
+  d_embedding_VD = jnp.concatenate(d_embedding, axis=0) if save_logits else d_embedding
   d_weights_N = g_loss * ce_N + g_weight_sum
   return d_hidden_ND.astype(hidden_ND.dtype), d_embedding_VD, None, d_weights_N
 
