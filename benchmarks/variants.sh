@@ -56,7 +56,8 @@ declare -A V=(
   [2b_full_data2_overlap]="$G2B --config.train.batch_size=16 --config.mesh.data=2 --config.mesh.fsdp=1"
   [9b_lora_slice_fusion]="$L9B $B8"
   [9b_lora_fsdp2_base_fsdp]="$L9B $B16 --config.lora.base_sharding=fsdp"
-  # Adam moments as the transformers 2B baseline keeps them (fp32), or in bf16.
+  # Adam moments in fp32, in bf16 (as torch's AdamW keeps them for bf16 params; the 2B full
+  # default), or in int8.
   [2b_full_f32_states]="$G2B $B8 --config.optim.state_dtype=float32 --breakdown"
   [2b_full_bf16_states]="$G2B $B8 --config.optim.state_dtype=bfloat16 --breakdown"
   [2b_full_int8_states]="$G2B $B8 --config.optim.state_dtype=int8 --breakdown"

@@ -117,6 +117,11 @@ def test_saved_logits_match_recomputed(chunk_size, logits_dtype):
   # both passes.
   full, remainder = divmod(V, min(chunk_size, V))
   assert logits_matmuls(True) == (full + bool(remainder), 0)
+  # One chunk at a time in each pass: a barrier between consecutive unrolled chunks.
+  jaxpr = jax.make_jaxpr(jax.grad(lambda h, e: loss.chunked_cross_entropy(
+      h, e, *inputs[2:], save_logits=True, **kw)[0], argnums=(0, 1)))(*inputs[:2])
+  barriers = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'optimization_barrier']
+  assert len(barriers) == 2 * (full + bool(remainder) - 1)
   assert logits_matmuls(False) == (2 * (bool(full) + bool(remainder)), 2 * bool(full))
 
 
