@@ -75,9 +75,10 @@ def test_chunked_matches_naive(softcap, chunk_size):
 
 @pytest.mark.parametrize('chunk_size', [23, 50, 1000])  # Divides V, leaves a remainder, >= V.
 @pytest.mark.parametrize('logits_dtype', [jnp.float32, jnp.bfloat16])
-def test_saved_logits_match_recomputed(chunk_size, logits_dtype):
-  """Keeping the chunks' matmul outputs for the backward gives the loss and gradients that
-  recomputing them gives, with one matmul fewer per chunk in the backward pass."""
+@pytest.mark.parametrize('unroll', [True, False])
+def test_saved_logits_match_recomputed(chunk_size, logits_dtype, unroll):
+  """Keeping the chunks' matmul outputs for the backward, unrolled or in a loop, gives the loss
+  and gradients that recomputing them gives, with one matmul fewer per chunk in the backward."""
   inputs = _inputs(seed=4, scale=3.0, dtype=jnp.bfloat16)
   kw = dict(softcap=5.0, chunk_size=chunk_size, logits_dtype=logits_dtype)
   # bf16 logits op by op: under jit XLA:CPU would keep the recomputed ones unrounded (see the
@@ -85,7 +86,7 @@ def test_saved_logits_match_recomputed(chunk_size, logits_dtype):
   jit = logits_dtype == jnp.float32
   value, grads = _mean_loss_and_grads(loss.chunked_cross_entropy, *inputs, jit=jit, **kw)
   saved_value, saved_grads = _mean_loss_and_grads(loss.chunked_cross_entropy, *inputs, jit=jit,
-                                                  save_logits=True, **kw)
+                                                  save_logits=True, unroll_saved=unroll, **kw)
   np.testing.assert_allclose(saved_value, value, rtol=1e-6)
   for g, ref in zip(saved_grads, grads):
     assert g.dtype == ref.dtype and np.abs(np.asarray(ref, np.float32)).max() > 0
@@ -95,7 +96,7 @@ def test_saved_logits_match_recomputed(chunk_size, logits_dtype):
     """(matmuls emitting a chunk's [N, C] logits in the step's jaxpr, of them inside loops)."""
     def mean_loss(h, e):
       loss_sum, weight_sum = loss.chunked_cross_entropy(h, e, *inputs[2:], save_logits=save_logits,
-                                                        **kw)
+                                                        unroll_saved=unroll, **kw)
       return loss_sum / weight_sum
     found, widths = [], {min(chunk_size, V), V % chunk_size} - {D, 0}
 
@@ -112,17 +113,20 @@ def test_saved_logits_match_recomputed(chunk_size, logits_dtype):
               walk(inner, in_loop or eqn.primitive.name in ('scan', 'while'))
     walk(jax.make_jaxpr(jax.grad(mean_loss, argnums=(0, 1)))(*inputs[:2]).jaxpr, False)
     return len(found), sum(found)
-  # Saved: each chunk's logits come from one matmul, straight-line (no loop, no buffer to copy
-  # them into). Recomputed: the loop over the full chunks and the remainder chunk emit them in
-  # both passes.
+  # Recomputed: the loop over the full chunks and the remainder chunk emit them in both passes.
+  # Saved in a loop: in the forward pass only. Saved unrolled: one matmul per chunk, straight-line
+  # (no loop, no buffer to copy them into).
   full, remainder = divmod(V, min(chunk_size, V))
+  assert logits_matmuls(False) == (2 * (bool(full) + bool(remainder)), 2 * bool(full))
+  if not unroll:
+    assert logits_matmuls(True) == (bool(full) + bool(remainder), bool(full))
+    return
   assert logits_matmuls(True) == (full + bool(remainder), 0)
   # One chunk at a time in each pass: a barrier between consecutive unrolled chunks.
   jaxpr = jax.make_jaxpr(jax.grad(lambda h, e: loss.chunked_cross_entropy(
       h, e, *inputs[2:], save_logits=True, **kw)[0], argnums=(0, 1)))(*inputs[:2])
   barriers = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'optimization_barrier']
   assert len(barriers) == 2 * (full + bool(remainder) - 1)
-  assert logits_matmuls(False) == (2 * (bool(full) + bool(remainder)), 2 * bool(full))
 
 
 @pytest.mark.parametrize('softcap', [30.0, 60.0])  # Shifted by the cap, and by the running max.
@@ -133,9 +137,10 @@ def test_saturated_softcap_logits(softcap):
   hidden, embedding, targets, weights = _inputs(seed=7)
   hidden = -10.0 * jnp.abs(hidden)
   embedding = jnp.abs(embedding)
-  for save in (False, True):
+  for save, unroll in ((False, True), (True, True), (True, False)):
     value, grads = _mean_loss_and_grads(loss.chunked_cross_entropy, hidden, embedding, targets,
-                                        weights, softcap=softcap, chunk_size=50, save_logits=save)
+                                        weights, softcap=softcap, chunk_size=50, save_logits=save,
+                                        unroll_saved=unroll)
     ref_value, ref_grads = _mean_loss_and_grads(loss.naive_cross_entropy, hidden, embedding,
                                                 targets, weights, softcap=softcap)
     assert np.isfinite(float(value))

@@ -106,6 +106,9 @@ _MESH_RUNS = {
     # The frozen (stacked) base replicated along fsdp (lora.base_sharding), the adapters split.
     'scanlora_f8_replicated': dict(method='lora', mesh=dict(fsdp=8), scan=True,
                                    base_sharding='replicated'),
+    # The loss's logits kept for the backward pass: on a mesh of several devices in the loop's
+    # buffer (one device unrolls the chunks: test_grad_accum_matches_one_big_batch).
+    'full_f8_saved_logits': dict(method='full', mesh=dict(fsdp=8), save_loss_logits=True),
 }
 
 _MESH_SCRIPT = """

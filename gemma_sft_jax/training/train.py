@@ -46,8 +46,11 @@ def matmul_params(config: architecture.ModelConfig) -> int:
 
 
 def make_grad_fn(*, model: model_lib.Transformer, logits_dtype: Any = jnp.float32,
-                 save_logits: bool = False) -> Callable[..., Any]:
-  """grad_fn(trainable, frozen, batch, rng) -> ((loss_sum, weight_sum), gradient sums)."""
+                 save_logits: bool = False, unroll_saved: bool = True) -> Callable[..., Any]:
+  """grad_fn(trainable, frozen, batch, rng) -> ((loss_sum, weight_sum), gradient sums).
+
+  `save_logits` and `unroll_saved` are `loss.chunked_cross_entropy`'s: `build` unrolls the
+  saved chunks on one device and keeps them in a loop on a mesh of several."""
   softcap = model.config.final_logit_softcap
 
   def loss_sums(trainable, frozen, micro, rng):
@@ -57,7 +60,8 @@ def make_grad_fn(*, model: model_lib.Transformer, logits_dtype: Any = jnp.float3
                             rngs={'dropout': rng})
     return loss_lib.chunked_cross_entropy(
         hidden, params['embedder']['embedding'], micro['targets'], micro['weights'],
-        softcap=softcap, logits_dtype=logits_dtype, save_logits=save_logits)
+        softcap=softcap, logits_dtype=logits_dtype, save_logits=save_logits,
+        unroll_saved=unroll_saved)
 
   return jax.value_and_grad(loss_sums, has_aux=True)
 
@@ -158,7 +162,8 @@ def build(config: ml_collections.ConfigDict, setup: models.Setup, mesh: jax.shar
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   grad_fn = make_grad_fn(model=setup.model,
                          logits_dtype=models.dtype_of(config.model.logits_dtype, 'model.logits_dtype'),
-                         save_logits=config.model.save_loss_logits)
+                         save_logits=config.model.save_loss_logits,
+                         unroll_saved=mesh.devices.size == 1)
   step_fn = jax.jit(
       make_train_step(grad_fn=grad_fn, update=update, grad_accum=o.grad_accum),
       in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh)),
