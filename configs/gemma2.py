@@ -51,9 +51,10 @@ def get_config(arg=None):
   c.train.steps = 1000
   c.optim.warmup_steps = 50
   # int8 Adam states (bitsandbytes' 8-bit AdamW) where memory is what matters; 2B full SFT keeps
-  # bf16 states, as torch's AdamW does for bf16 params (moments in the parameter's dtype, rounded
-  # to nearest): on an H200 (batch 8 x 512) 2-3% faster than fp32 states, at 26 GiB instead of
-  # 36 (BENCHMARKS.md). `--config.optim.state_dtype=float32` keeps fp32 moments.
+  # bf16 states, as torch's AdamW does for bf16 params (moments in the parameter's dtype), but
+  # rounded stochastically (optim.stochastic_rounding) where torch rounds to nearest and its
+  # second moment stalls: on an H200 (batch 8 x 512) 2-3% faster than fp32 states, at 26 GiB
+  # instead of 36 (BENCHMARKS.md). `--config.optim.state_dtype=float32` keeps fp32 moments.
   c.optim.state_dtype = 'bfloat16' if (args.size, args.method) == ('2b', 'full') else 'int8'
   if args.method == 'full':
     c.optim.lr, c.optim.min_lr = 1e-5, 1e-6

@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.stochastic_rounding = True  # only matters when param_dtype is bfloat16
+  c.optim.stochastic_rounding = True  # bf16 params and bf16 moments (state_dtype) only
   # 'auto': on GPUs, each leaf with 8-bit moments is updated by one Pallas kernel per shard;
   # 'xla': always XLA's fused update (docs/optimizer.md, "The training update").
   c.optim.update_kernel = 'auto'

@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gemma_sft_jax import pytree
 from gemma_sft_jax.training import quantization as quant
+from gemma_sft_jax.training import rounding
 from gemma_sft_jax.training.quantization import BLOCK_SIZE, QuantizedArray
 
 STATE_DTYPES = ('int8', 'bfloat16', 'float32')
@@ -52,14 +53,18 @@ def load_moment(stored: Any, *, block_size: int = BLOCK_SIZE) -> jax.Array:
 
 
 def store_moment(x: jax.Array, like: Any, *, block_size: int = BLOCK_SIZE,
-                 absmax: jax.Array | None = None) -> Any:
+                 absmax: jax.Array | None = None, bits16: jax.Array | None = None) -> Any:
   """fp32 x stored the way `like` is (requantised with like's map, or cast to its dtype).
 
   `absmax`, if given, is x's block absmax (`quantization.block_absmax`), computed beforehand.
+  `bits16`, if given, rounds a bf16 moment stochastically with these random bits
+  (`rounding.stochastic_round_to_bf16`) instead of to nearest.
   """
   if isinstance(like, QuantizedArray):
     return quant.quantize_blockwise(x, signed=like.codes.dtype == jnp.int8, block_size=block_size,
                                     absmax=absmax)
+  if bits16 is not None and like.dtype == jnp.bfloat16:
+    return rounding.stochastic_round_to_bf16(x, bits16)
   return x.astype(like.dtype)
 
 
@@ -70,7 +75,8 @@ def bias_corrections(b1: float, b2: float, count: jax.Array) -> tuple[jax.Array,
 
 def adam_leaf(g: jax.Array, mu: Any, nu: Any, *, b1: float, b2: float, eps: float,
               bc: tuple[jax.Array, jax.Array], block_size: int = BLOCK_SIZE,
-              absmax: tuple[jax.Array | None, jax.Array | None] | None = None
+              absmax: tuple[jax.Array | None, jax.Array | None] | None = None,
+              bits16: tuple[jax.Array, jax.Array] | None = None
               ) -> tuple[jax.Array, Any, Any]:
   """One leaf (or block of a leaf) of Adam: fp32 gradient g -> (update direction, new mu, new nu).
 
@@ -79,14 +85,16 @@ def adam_leaf(g: jax.Array, mu: Any, nu: Any, *, b1: float, b2: float, eps: floa
   and stored back in their own format. `bc` are the bias corrections (1 - b1^t, 1 - b2^t).
 
   `absmax`, if given, holds the block absmax of the new moments (from `moment_absmax`, None for a
-  moment that is not 8-bit), so that storing them is elementwise.
+  moment that is not 8-bit), so that storing them is elementwise. `bits16`, if given, holds
+  random bits for each moment: bf16 moments are then rounded stochastically (`store_moment`).
   """
   m, v = _new_moments(g, mu, nu, b1=b1, b2=b2, block_size=block_size)
   # Scalar reciprocals: one multiplication per element instead of a division.
   u = direction(m, v, eps=eps, inv_bc=(1.0 / bc[0], 1.0 / bc[1]))
   am, av = absmax if absmax is not None else (None, None)
-  return u, store_moment(m, mu, block_size=block_size, absmax=am), store_moment(
-      v, nu, block_size=block_size, absmax=av)
+  bm, bv = bits16 if bits16 is not None else (None, None)
+  return u, store_moment(m, mu, block_size=block_size, absmax=am, bits16=bm), store_moment(
+      v, nu, block_size=block_size, absmax=av, bits16=bv)
 
 
 def moment_absmax(g: jax.Array, mu: Any, nu: Any, *, b1: float, b2: float,

@@ -5,6 +5,11 @@ An Adam step of lr·O(1) = 1e-5 is far below bf16's resolution (2^-8 ≈ 3.9e-3 
 Rounding up or down with probability proportional to proximity is unbiased, so small updates
 accumulate in expectation.
 
+The same holds for Adam's moments stored in bf16: b2 = 0.999 adds a thousandth of the new
+squared gradient to the second moment, under half a bf16 ulp (2^-9 relative), so a moment
+rounded to nearest stops following the gradients; rounded stochastically it follows them in
+expectation.
+
 The random bits are a hash of (element index, seed) rather than a PRNG stream: 16 bits per element,
 computed inside the same fused loop as the optimizer update (no whole-model buffer of random bits),
 and the same for an element whichever block of the update loop or device shard computes it.
@@ -35,6 +40,15 @@ def random_bits16(index: jax.Array, seed: jax.Array) -> jax.Array:
   """
   index = index.astype(jnp.uint32)
   return _mix(_mix(index) ^ seed.astype(jnp.uint32)) >> 16
+
+
+def random_bits16x3(index: jax.Array, seed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Three independent sets of 16 random bits per element: `random_bits16(index, seed)` first
+  (a bf16 param's, unchanged), then both halves of one more hash round of the same 32-bit hash
+  (two bf16 Adam moments')."""
+  h = _mix(_mix(index.astype(jnp.uint32)) ^ seed.astype(jnp.uint32))
+  more = _mix(h)
+  return h >> 16, more >> 16, more & jnp.uint32(0xFFFF)
 
 
 def fold_seed(seed: jax.Array, index: int) -> jax.Array:

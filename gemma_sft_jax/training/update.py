@@ -113,7 +113,8 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
   For each leaf (or block of `chunks` along axis 0, in place, one after another): the gradient
   sum is divided by the token count and clipped, Adam's moments are loaded, updated and stored
   back (`adam_leaf`), decoupled weight decay and the LR are applied, and the new weights are
-  written, rounded stochastically when they are bf16 and `stochastic_rounding` is on. No
+  written, rounded stochastically when they are bf16 and `stochastic_rounding` is on (so are
+  bf16 moments). No
   whole-tree fp32 temporaries exist; gradients may be bf16.
 
   Args:
@@ -126,7 +127,7 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
     b2: Adam second-moment decay.
     eps: Adam epsilon.
     block_size: the 8-bit absmax block (as the state was made with).
-    stochastic_rounding: round bf16 params stochastically (else to nearest).
+    stochastic_rounding: round bf16 params and bf16 moments stochastically (else to nearest).
     two_pass: for 8-bit moments, compute their block absmax in a reduction pass of its own and
       recompute the moments in the elementwise pass that requantises them and writes the params
       (False: one pass, which materialises the fp32 moments; kept for `benchmarks/update_speed.py`).
@@ -186,13 +187,19 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
         absmax = optimizer.moment_absmax(prepare(g), mu, nu, b1=b1, b2=b2,
                                          block_size=block_size)
         g, mu, nu, absmax = _barrier((g, mu, nu, absmax))
+      # bf16 params and bf16 moments are rounded stochastically, each with its own bits of the
+      # element's hash (a param's are `random_bits16`'s, with or without bf16 moments).
+      bf16_moments = any(getattr(x, 'dtype', None) == jnp.bfloat16 for x in (mu, nu))
+      bits = None
+      if stochastic_rounding and (p.dtype == jnp.bfloat16 or bf16_moments):
+        bits = rounding.random_bits16x3(rounding.element_index(p.shape, offset), seed_leaf)
       u, mu, nu = optimizer.adam_leaf(prepare(g), mu, nu, b1=b1, b2=b2, eps=eps, bc=bc,
-                                      block_size=block_size, absmax=absmax)
+                                      block_size=block_size, absmax=absmax,
+                                      bits16=bits[1:] if bits and bf16_moments else None)
       new = optimizer.apply_direction(p.astype(jnp.float32), u, lr=lr,
                                       weight_decay=weight_decay if decay else 0.0)
-      if stochastic_rounding and p.dtype == jnp.bfloat16:
-        bits = rounding.random_bits16(rounding.element_index(p.shape, offset), seed_leaf)
-        new = rounding.stochastic_round_to_bf16(new, bits)
+      if bits and p.dtype == jnp.bfloat16:
+        new = rounding.stochastic_round_to_bf16(new, bits[0])
       return new.astype(p.dtype), mu, nu
 
     def leaf(index, p, g, mu, nu, decay, n, kernel):
