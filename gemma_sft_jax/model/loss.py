@@ -3,7 +3,8 @@
 Gemma's vocabulary is 256k, so the full fp32 logits of one batch are huge: 2048 tokens x 262,144
 columns x 4 bytes = 2 GiB, and autodiff would keep them (and their cotangent) alive for the backward
 pass. `chunked_cross_entropy` never forms them: it walks the vocabulary in chunks of `chunk_size`
-rows of the embedding, keeping per-token running statistics (online logsumexp), and its custom VJP
+rows of the embedding, keeping per-token running statistics (a logsumexp shifted by the running
+maximum, or by the softcap that bounds every logit: one pass per chunk), and its custom VJP
 recomputes each chunk's logits in the backward pass. Peak extra memory is a few [tokens, chunk]
 fp32 blocks instead of several [tokens, V] ones. Where memory allows, `save_logits` keeps the
 chunks' matmul outputs ([tokens, V] in the logits dtype, e.g. bf16) for the backward pass instead.
@@ -198,9 +199,8 @@ def _chunked_ce_bwd(softcap, chunk_size, logits_dtype, save, residuals, cotangen
 
   init = ((hidden_ND, embedding_VD, saved), jnp.zeros(hidden_ND.shape, jnp.float32),
           jnp.zeros_like(embedding_VD))
-  _, d_hidden_ND, d_embedding = _over_chunks(step, init, embedding_VD.shape[0], chunk_size,
-                                          unroll=save == 'unrolled')
-  d_embedding_VD = d_embedding
+  _, d_hidden_ND, d_embedding_VD = _over_chunks(step, init, embedding_VD.shape[0], chunk_size,
+                                                unroll=save == 'unrolled')
   d_weights_N = g_loss * ce_N + g_weight_sum
   return d_hidden_ND.astype(hidden_ND.dtype), d_embedding_VD, None, d_weights_N
 
