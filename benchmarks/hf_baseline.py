@@ -34,9 +34,10 @@ first step includes torch.compile). A kernel this transformers does not support 
 one-line error.
 
 Optimizers: `adamw_fused` is torch.optim.AdamW(fused=True), whose moments take their parameter's
-dtype: bf16 moments of the bf16 params, rounded to nearest; `adamw_8bit` is bitsandbytes.optim.AdamW8bit (8-bit block-wise moments in device memory, not
-paged); `paged_adamw_8bit` is bitsandbytes.optim.PagedAdamW8bit (the same, its states in CUDA
-unified memory that can page out to host). All run with weight_decay 0 and betas (0.9, 0.999).
+dtype: bf16 moments of the bf16 params, rounded to nearest; `adamw_8bit` is
+bitsandbytes.optim.AdamW8bit (8-bit block-wise moments in device memory, not paged);
+`paged_adamw_8bit` is bitsandbytes.optim.PagedAdamW8bit (the same, its states in CUDA unified
+memory that can page out to host). All run with weight_decay 0 and betas (0.9, 0.999).
 Full SFT trains every parameter in bf16, as the PyTorch recipe does; peft keeps the LoRA factors in
 fp32 (its default autocast_adapter_dtype) over the frozen bf16 base.
 
