@@ -117,8 +117,12 @@ def _forward_stats(hidden_ND, embedding_VD, targets_N, softcap, chunk_size, logi
     else:
       new_shift_N = shift_N
     sumexp_N += jnp.exp(logits_NC - new_shift_N[:, None]).sum(axis=-1)
-    # Exactly one chunk holds each target; a masked sum is a fused reduction, not a gather.
-    target_N += jnp.where(_is_target(targets_N, start, width), logits_NC, 0.0).sum(axis=-1)
+    # Exactly one chunk holds each target: its logit is gathered (one per token) from the
+    # matmul's output, so the chunk's only full pass is the sum of exponentials above. (A masked
+    # sum over the chunk beside it made XLA write the chunk's fp32 logits out for both.)
+    index_N = targets_N - start
+    picked_N = jnp.take_along_axis(raw_NC, jnp.clip(index_N, 0, width - 1)[:, None], axis=1)[:, 0]
+    target_N += jnp.where((index_N >= 0) & (index_N < width), _capped(picked_N, softcap), 0.0)
     if save == 'unrolled':
       saved += (raw_NC,)
     elif save and width == chunk_size:
