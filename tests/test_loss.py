@@ -98,20 +98,11 @@ def test_saved_logits_match_recomputed(chunk_size, logits_dtype, unroll):
       loss_sum, weight_sum = loss.chunked_cross_entropy(h, e, *inputs[2:], save_logits=save_logits,
                                                         unroll_saved=unroll, **kw)
       return loss_sum / weight_sum
-    found, widths = [], {min(chunk_size, V), V % chunk_size} - {D, 0}
-
-    def walk(jaxpr, in_loop):
-      for eqn in jaxpr.eqns:
-        if eqn.primitive.name == 'dot_general':
-          shape = eqn.outvars[0].aval.shape
-          if len(shape) == 2 and shape[0] == B * T and shape[1] in widths:
-            found.append(in_loop)
-        for param in eqn.params.values():
-          for sub in param if isinstance(param, (tuple, list)) else (param,):
-            inner = getattr(sub, 'jaxpr', sub)
-            if hasattr(inner, 'eqns'):
-              walk(inner, in_loop or eqn.primitive.name in ('scan', 'while'))
-    walk(jax.make_jaxpr(jax.grad(mean_loss, argnums=(0, 1)))(*inputs[:2]).jaxpr, False)
+    widths = {min(chunk_size, V), V % chunk_size} - {D, 0}
+    found = [in_loop for eqn, in_loop in _dots(
+        jax.make_jaxpr(jax.grad(mean_loss, argnums=(0, 1)))(*inputs[:2]).jaxpr)
+             if len(eqn.outvars[0].aval.shape) == 2
+             and eqn.outvars[0].aval.shape[0] == B * T and eqn.outvars[0].aval.shape[1] in widths]
     return len(found), sum(found)
   # Recomputed: the loop over the full chunks and the remainder chunk emit them in both passes.
   # Saved in a loop: in the forward pass only. Saved unrolled: one matmul per chunk, straight-line
@@ -256,23 +247,23 @@ def test_bf16_logits_close_to_fp32():
   np.testing.assert_allclose(value16, naive16, rtol=1e-5)
 
 
-def _dots(jaxpr) -> list:
-  """Every dot_general equation of a jaxpr, its loops and calls included."""
+def _dots(jaxpr, in_loop: bool = False) -> list:
+  """(equation, inside a loop) for every dot_general of a jaxpr, its loops and calls included."""
   found = []
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'dot_general':
-      found.append(eqn)
+      found.append((eqn, in_loop))
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
         inner = getattr(sub, 'jaxpr', sub)
         if hasattr(inner, 'eqns'):
-          found += _dots(inner)
+          found += _dots(inner, in_loop or eqn.primitive.name in ('scan', 'while'))
   return found
 
 
 def _dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
   """Operand dtypes of every dot_general in a jaxpr."""
-  return [tuple(str(v.aval.dtype) for v in eqn.invars) for eqn in _dots(jaxpr)]
+  return [tuple(str(v.aval.dtype) for v in eqn.invars) for eqn, _ in _dots(jaxpr)]
 
 
 @pytest.mark.parametrize('logits_dtype, want', [(jnp.bfloat16, {('bfloat16', 'bfloat16')}),
@@ -300,7 +291,7 @@ def test_backward_matmuls_take_bf16_cotangents(logits_dtype, want):
 def _dot_outputs(jaxpr) -> list[tuple[tuple[int, ...], str]]:
   """(shape, dtype) of every dot_general's output in a jaxpr."""
   return [(tuple(eqn.outvars[0].aval.shape), str(eqn.outvars[0].aval.dtype))
-          for eqn in _dots(jaxpr)]
+          for eqn, _ in _dots(jaxpr)]
 
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
