@@ -4,6 +4,7 @@
 # Each line carries the variant's name in "tag"; --breakdown adds forward+backward and update
 # times. Variants ending in _fsdp2 use two GPUs (8 rows per GPU); the others one (8 rows).
 # XLA_FLAGS of a variant (FLAGS below) are added to the environment's; ENVS sets other variables.
+# Each run may take TIMEOUT seconds (default 300).
 set -uo pipefail
 OUT=$1; shift
 export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off.
@@ -36,6 +37,11 @@ declare -A V=(
   [2b_full_no_triton_gemm]="$G2B $B8"
   [9b_lora]="$L9B $B8"
   [9b_lora_unrolled]="$L9B $B8 $UNROLLED"
+  # Unrolled layers without jax.checkpoint's CSE barriers (model.remat_prevent_cse=false).
+  [2b_full_unrolled_nocse]="$G2B $B8 $UNROLLED --config.model.remat_prevent_cse=false"
+  [9b_full_unrolled]="$F9B $B8 $UNROLLED"
+  [9b_full_unrolled_nocse]="$F9B $B8 $UNROLLED --config.model.remat_prevent_cse=false"
+  [9b_lora_unrolled_nocse]="$L9B $B8 $UNROLLED --config.model.remat_prevent_cse=false"
   [9b_full]="$F9B $B8 --breakdown"
   # Attention: the einsum path instead of the flash kernels ('auto' takes them on GPU).
   [2b_full_einsum]="$G2B $B8 --config.model.attention=einsum --breakdown"
@@ -115,7 +121,7 @@ for name in "$@"; do
     xla_flags=$(echo ${XLA_FLAGS:-} ${FLAGS[$name]:-})
     unset XLA_FLAGS
     if [ -n "$xla_flags" ]; then export XLA_FLAGS="$xla_flags"; fi
-    env ${ENVS[$name]:-} timeout 300 python -m gemma_sft_jax.benchmark ${V[$name]} $COMMON --tag=$name 2>&1 \
+    env ${ENVS[$name]:-} timeout ${TIMEOUT:-300} python -m gemma_sft_jax.benchmark ${V[$name]} $COMMON --tag=$name 2>&1 \
       | grep -E '^\{|^F[0-9]{4}|compiled step|Error|error|RESOURCE' | cut -c1-600
   )
 done

@@ -14,6 +14,7 @@ Fields (the contract the README documents):
   model.param_dtype   dtype of the stored (base) parameters, 'float32' | 'bfloat16'
   model.remat         activation rematerialisation, 'none' | 'full' | 'dots' | 'save:PROJ,...'
   model.scan_layers   one nn.scan over the layers (stacked params; compile time independent of depth)
+  model.remat_prevent_cse  unrolled layers: keep XLA from merging remat's recomputation (CSE)
   model.save_loss_logits  keep the loss's logits for the backward pass instead of recomputing them
   model.attention     training attention, 'einsum' | 'flash' (Pallas kernels) | 'auto' (GPU: flash)
   tuning_method       'full' | 'lora'
@@ -48,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = 'none'  # 'none' | 'full' | 'dots' | 'save:q_proj,...' (model.remat_policy)
   # One nn.scan over the layers (stacked 'layers/...' params): compile time independent of depth.
   c.model.scan_layers = False
+  # Unrolled layers with remat: jax.checkpoint's barriers against XLA merging the recomputation
+  # with the forward pass. False lets XLA keep what it finds cheaper to keep (more memory, less
+  # work; Gemma 2 2B full SFT: configs/gemma2.py). Scanned layers ignore it (they need none).
+  c.model.remat_prevent_cse = True
   # Dtype of the vocab-chunk logits matmul in the loss: bfloat16 keeps its backward in bf16
   # (faster; BENCHMARKS.md); softmax statistics are fp32 either way.
   c.model.logits_dtype = 'float32'

@@ -219,6 +219,27 @@ def test_remat_gives_same_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, grads(remat))
 
 
+def test_remat_prevent_cse_only_sets_the_barriers():
+  """model.remat_prevent_cse=False drops jax.checkpoint's CSE barriers from unrolled layers (the
+  lowered gradient has none) and changes no gradient; scanned layers never have them."""
+  config = architecture.VARIANTS['tiny_gemma2']
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 9)))
+  params = model_lib.Transformer(config).init(jax.random.key(0), tokens)['params']
+
+  def barriers_and_grads(prevent_cse, scan=False):
+    m = model_lib.Transformer(config, remat='full', remat_prevent_cse=prevent_cse,
+                              scan_layers=scan)
+    p = _stack(params, config.num_layers) if scan else params
+    fn = jax.jit(jax.grad(lambda p: m.apply({'params': p}, tokens)[0].mean()))
+    return fn.lower(p).as_text().count('optimization_barrier'), fn(p)
+
+  kept, ref = barriers_and_grads(True)
+  dropped, grads = barriers_and_grads(False)
+  assert kept >= config.num_layers and dropped == 0, (kept, dropped)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, grads)
+  assert barriers_and_grads(True, scan=True)[0] == 0
+
+
 def test_lora_saves_each_projection_output_once_by_name():
   """For LoRA, saving the projections by name keeps one output per projection (base + adapter)
   where 'dots' keeps the base matmul's and the adapter's apart: the compiled backward needs less

@@ -295,6 +295,11 @@ class Transformer(nn.Module):
   # a leading [L] axis, and the compiled program holds one layer, not L (compile time and
   # program size stop growing with depth). Sliding/global attention becomes per-layer data.
   scan_layers: bool = False
+  # Unrolled layers with remat: jax.checkpoint's barriers that keep XLA from merging a layer's
+  # recomputation with its forward pass (CSE). Without them XLA may keep some values the policy
+  # would recompute (more memory, less work). Scanned layers never need them: the loop keeps the
+  # passes apart.
+  remat_prevent_cse: bool = True
   # Attention's implementation during training (no KV cache): 'einsum' (attention.attend, the
   # reference, any backend), 'flash' (flash_attention's Pallas kernels: GPU, or the Pallas
   # interpreter elsewhere) or 'auto' (flash on GPU where the kernels apply, einsum otherwise).
@@ -314,10 +319,8 @@ class Transformer(nn.Module):
                              name='embedder')
     block = Block
     if self.remat != 'none':
-      # Under nn.scan the loop already keeps XLA from merging the recomputation back into the
-      # forward pass, so the CSE barriers jax.checkpoint adds by default are not needed there.
       block = nn.remat(Block, policy=remat_policy(self.remat), static_argnums=(5,),
-                       prevent_cse=not self.scan_layers)
+                       prevent_cse=self.remat_prevent_cse and not self.scan_layers)
 
     def ranks(i):
       return ({p: self.lora.rank_for(f'layer_{i}/attn/{p}/kernel')

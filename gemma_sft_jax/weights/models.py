@@ -83,7 +83,8 @@ def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
   model = model_lib.Transformer(
       model_config, dtype=dtype_of(c.dtype, 'model.dtype'),
       param_dtype=dtype_of(c.param_dtype, 'model.param_dtype'), lora=spec, remat=c.remat,
-      scan_layers=c.scan_layers, attention=c.attention,
+      scan_layers=c.scan_layers, remat_prevent_cse=c.remat_prevent_cse,
+      attention=c.attention,
       activation_sharding=sharding.activation_sharding(mesh) if mesh is not None else None)
   return Setup(model, model_config, tokenizer, checkpoint)
 
