@@ -90,19 +90,13 @@ def strides(shape: tuple[int, ...]) -> list[int]:
   return out[::-1]
 
 
-def element_index(shape: tuple[int, ...], offset: jax.Array | int = 0,
-                  axis_strides: jax.Array | None = None) -> jax.Array:
+def element_index(shape: tuple[int, ...], offset: jax.Array | int = 0) -> jax.Array:
   """uint32 row-major element indices of an array of `shape`, plus `offset`.
 
   Built from one broadcasted iota per axis (not a reshaped flat iota), so it partitions like any
-  elementwise op when the array is sharded. `axis_strides` ([ndim] uint32, the values of
-  `strides(shape)`) may pass the strides as runtime values instead of constants: the indices are
-  the same, but XLA no longer sees that two same-shaped arrays' per-axis terms (an iota times a
-  constant stride, e.g. a [rows] vector) are equal, so it does not share one such vector between
-  their fusions, which would let it merge their updates into one multi-output kernel.
+  elementwise op when the array is sharded.
   """
   index = jnp.asarray(offset, jnp.uint32)
   for axis, stride in enumerate(strides(shape)):
-    factor = jnp.uint32(stride) if axis_strides is None else axis_strides[axis]
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * factor
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
   return jnp.broadcast_to(index, shape)

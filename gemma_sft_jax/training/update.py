@@ -192,14 +192,7 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
       bf16_moments = any(getattr(x, 'dtype', None) == jnp.bfloat16 for x in (mu, nu))
       bits = None
       if stochastic_rounding and (p.dtype == jnp.bfloat16 or bf16_moments):
-        # The strides as this leaf's own runtime values (through a barrier with its seed): with
-        # constant strides XLA computes one [rows] vector of row terms for all same-shaped leaves
-        # (the layers of an unrolled model) and, as they share it, updates up to a dozen of them
-        # in one multi-output kernel, which on an H200 ran at half the memory bandwidth of one
-        # leaf's. Same indices, same bits.
-        _, axis_strides = _barrier((seed_leaf, jnp.asarray(rounding.strides(p.shape), jnp.uint32)))
-        bits = rounding.random_bits16x3(rounding.element_index(p.shape, offset, axis_strides),
-                                        seed_leaf)
+        bits = rounding.random_bits16x3(rounding.element_index(p.shape, offset), seed_leaf)
       u, mu, nu = optimizer.adam_leaf(prepare(g), mu, nu, b1=b1, b2=b2, eps=eps, bc=bc,
                                       block_size=block_size, absmax=absmax,
                                       bits16=bits[1:] if bits and bf16_moments else None)
