@@ -37,7 +37,9 @@ declare -A V=(
   [2b_full_no_triton_gemm]="$G2B $B8"
   [9b_lora]="$L9B $B8"
   [9b_lora_unrolled]="$L9B $B8 $UNROLLED"
-  # Unrolled layers without jax.checkpoint's CSE barriers (model.remat_prevent_cse=false).
+  # Unrolled layers without jax.checkpoint's CSE barriers (model.remat_prevent_cse=false; the
+  # 2B full-SFT default since 2026-12-01, which 2b_full_scanned undoes).
+  [2b_full_scanned]="$G2B $B8 --config.model.scan_layers=true --config.model.remat_prevent_cse=true"
   [2b_full_unrolled_nocse]="$G2B $B8 $UNROLLED --config.model.remat_prevent_cse=false"
   [9b_full_unrolled]="$F9B $B8 $UNROLLED"
   [9b_full_unrolled_nocse]="$F9B $B8 $UNROLLED --config.model.remat_prevent_cse=false"

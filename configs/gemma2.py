@@ -46,7 +46,7 @@ def get_config(arg=None):
   # One scanned layer instead of 26-46 unrolled ones: build and compile time stop growing with
   # depth. 2B full SFT unrolls its 26 layers, without jax.checkpoint's CSE barriers: no weight
   # slices copied out of stacked params, no stacked gradients zero-filled, XLA free to keep what
-  # the policy would recompute. On an H200 (batch 8 x 512) 5-8% faster than scanned at 29.1
+  # the policy would recompute. On an H200 (batch 8 x 512) 5-9% faster than scanned at 29.1
   # instead of 26.3 GiB, for ~50 s of compilation instead of ~10 (BENCHMARKS.md). 9B full SFT
   # unrolled runs 9% faster too, but at 69 GiB, over what fits an 80 GB GPU with room, so 9B
   # stays scanned (`--config.model.scan_layers=false --config.model.remat_prevent_cse=false`
