@@ -54,8 +54,9 @@ def _einsum_fn(c, positions, segment_ids, dtype):
 
 def _flash_fn(c, positions, segment_ids, blocks=fa.Blocks()):
   def fn(q, keys, vals):
-    return fa.flash_attention(attention.scale_queries(c, q), jnp.swapaxes(keys, 1, 2), jnp.swapaxes(vals, 1, 2), positions,
-                              segment_ids, None, softcap=c.attn_logit_softcap, blocks=blocks)
+    return fa.flash_attention(attention.scale_queries(c, q), jnp.swapaxes(keys, 1, 2),
+                              jnp.swapaxes(vals, 1, 2), positions, segment_ids, None,
+                              softcap=c.attn_logit_softcap, blocks=blocks)
   return fn
 
 

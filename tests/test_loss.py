@@ -92,15 +92,17 @@ def test_saved_logits_match_recomputed(chunk_size, logits_dtype, unroll):
     assert g.dtype == ref.dtype and np.abs(np.asarray(ref, np.float32)).max() > 0
     _assert_close(g, ref, rtol=1e-6)
 
-  def logits_matmuls(save_logits):
-    """(matmuls emitting a chunk's [N, C] logits in the step's jaxpr, of them inside loops)."""
+  def grad_jaxpr(save_logits):
     def mean_loss(h, e):
       loss_sum, weight_sum = loss.chunked_cross_entropy(h, e, *inputs[2:], save_logits=save_logits,
                                                         unroll_saved=unroll, **kw)
       return loss_sum / weight_sum
+    return jax.make_jaxpr(jax.grad(mean_loss, argnums=(0, 1)))(*inputs[:2]).jaxpr
+
+  def logits_matmuls(jaxpr):
+    """(matmuls emitting a chunk's [N, C] logits in the step's jaxpr, of them inside loops)."""
     widths = {min(chunk_size, V), V % chunk_size} - {D, 0}
-    found = [in_loop for eqn, in_loop in _dots(
-        jax.make_jaxpr(jax.grad(mean_loss, argnums=(0, 1)))(*inputs[:2]).jaxpr)
+    found = [in_loop for eqn, in_loop in _dots(jaxpr)
              if len(eqn.outvars[0].aval.shape) == 2
              and eqn.outvars[0].aval.shape[0] == B * T and eqn.outvars[0].aval.shape[1] in widths]
     return len(found), sum(found)
@@ -108,15 +110,14 @@ def test_saved_logits_match_recomputed(chunk_size, logits_dtype, unroll):
   # Saved in a loop: in the forward pass only. Saved unrolled: one matmul per chunk, straight-line
   # (no loop, no buffer to copy them into).
   full, remainder = divmod(V, min(chunk_size, V))
-  assert logits_matmuls(False) == (2 * (bool(full) + bool(remainder)), 2 * bool(full))
+  assert logits_matmuls(grad_jaxpr(False)) == (2 * (bool(full) + bool(remainder)), 2 * bool(full))
+  saved = grad_jaxpr(True)
   if not unroll:
-    assert logits_matmuls(True) == (bool(full) + bool(remainder), bool(full))
+    assert logits_matmuls(saved) == (bool(full) + bool(remainder), bool(full))
     return
-  assert logits_matmuls(True) == (full + bool(remainder), 0)
+  assert logits_matmuls(saved) == (full + bool(remainder), 0)
   # One chunk at a time in each pass: a barrier between consecutive unrolled chunks.
-  jaxpr = jax.make_jaxpr(jax.grad(lambda h, e: loss.chunked_cross_entropy(
-      h, e, *inputs[2:], save_logits=True, **kw)[0], argnums=(0, 1)))(*inputs[:2])
-  barriers = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'optimization_barrier']
+  barriers = [e for e in saved.eqns if e.primitive.name == 'optimization_barrier']
   assert len(barriers) == 2 * (full + bool(remainder) - 1)
 
 
