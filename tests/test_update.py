@@ -270,3 +270,27 @@ def test_fused_update_temporaries_stay_blockwise():
   print('temporaries: whole leaf', whole, 'per layer', blocked)
   assert whole >= 2 * 4 * 8 * 256 * 2048  # at least two fp32 copies of the leaf
   assert blocked < whole / 4, (blocked, whole)  # measured: 16.1 MB vs 128.0 MB
+
+
+def test_large_leaves_are_updated_in_order():
+  """Each leaf of ORDERED_LEAF_ELEMENTS or more passes its inputs through a barrier with the
+  previous large leaf's new param (so XLA cannot merge their updates into one kernel); small
+  leaves pass no barrier."""
+  n = update_lib.ORDERED_LEAF_ELEMENTS
+  params = {'a': jnp.zeros((n // 256, 256)), 'b': jnp.zeros((n // 256, 256)), 'c': jnp.zeros((n,)),
+            'small': jnp.zeros((8,))}
+  tx, schedule = opt.make_optimizer(lr=1e-3, min_lr=1e-4, warmup_steps=1, decay_steps=10,
+                                    weight_decay=0.1, clip_norm=1.0, state_dtype='float32')
+  update = update_lib.make_update(schedule=schedule, weight_decay=0.1, clip_norm=1.0,
+                                  decay_mask=opt.default_decay_mask(params),
+                                  chunks=jax.tree.map(lambda _: 1, params))
+  closed = jax.make_jaxpr(lambda p, g, s: update(p, g, s, divisor=1.0, seed=jnp.uint32(0)))(
+      params, params, tx.init(params))
+  jaxpr = closed.jaxpr
+  barriers = [e for e in jaxpr.eqns if e.primitive.name == 'optimization_barrier']
+  assert len(barriers) == 2
+  param_in = dict(zip('abc', jaxpr.invars[:3]))  # the params' leaves, in tree order
+  param_out = dict(zip('abc', jaxpr.outvars[:3]))
+  for barrier, (before, this) in zip(barriers, ('ab', 'bc')):
+    assert barrier.invars[0] is param_in[this]
+    assert barrier.invars[-1] is param_out[before]

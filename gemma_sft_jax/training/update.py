@@ -29,6 +29,8 @@ CHUNK_ELEMENTS = 1 << 26
 # memory is updated whole: one elementwise fusion, ~1.4x faster than the blocked loop, whose
 # in-place writes XLA splits into a fusion per output (benchmarks/update_speed.py).
 WHOLE_LEAF_MEMORY_FRACTION = 0.02
+# Leaves of at least this many elements get an update kernel each, in order (see `make_update`).
+ORDERED_LEAF_ELEMENTS = 1 << 20
 
 
 def chunk_plan(params: Any, *, whole_leaf_bytes: int | None = None) -> Any:
@@ -114,8 +116,9 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
   sum is divided by the token count and clipped, Adam's moments are loaded, updated and stored
   back (`adam_leaf`), decoupled weight decay and the LR are applied, and the new weights are
   written, rounded stochastically when they are bf16 and `stochastic_rounding` is on (so are
-  bf16 moments). No
-  whole-tree fp32 temporaries exist; gradients may be bf16.
+  bf16 moments). No whole-tree fp32 temporaries exist; gradients may be bf16. Leaves of
+  `ORDERED_LEAF_ELEMENTS` or more are updated in tree order, each after the one before (an
+  optimization barrier between them), so that each gets kernels of its own.
 
   Args:
     schedule: LR schedule (from `make_schedule`); update k uses schedule(k).
@@ -236,8 +239,19 @@ def make_update(*, schedule: optax.Schedule, weight_decay: float, clip_norm: flo
       p, _, mu, nu = jax.lax.fori_loop(0, n, body, (p, g, mu, nu))
       return p, mu, nu
 
-    out = [leaf(i, *args)
-           for i, args in enumerate(zip(leaves, grads, mus, nus, decays, plan, fused))]
+    # Leaves of ORDERED_LEAF_ELEMENTS or more are updated one after another: each one's inputs
+    # pass a barrier with the previous one's new param, so XLA cannot merge same-shaped leaves'
+    # updates into one multi-output kernel (it did so for up to 11 unrolled layers' leaves,
+    # at about half the bandwidth of one leaf per kernel). Smaller leaves stay free to merge.
+    out, previous = [], None
+    for i, (p, g, mu, nu, decay, n, kernel) in enumerate(
+        zip(leaves, grads, mus, nus, decays, plan, fused)):
+      ordered = math.prod(p.shape) >= ORDERED_LEAF_ELEMENTS
+      if ordered and previous is not None:
+        (p, g, mu, nu), _ = _barrier(((p, g, mu, nu), previous))
+      out.append(leaf(i, p, g, mu, nu, decay, n, kernel))
+      if ordered:
+        previous = out[-1][0]
     new_params = treedef.unflatten([o[0] for o in out])
     new_adam = optimizer.ScaleByAdam8bitState(
         count=count, mu=treedef.unflatten([o[1] for o in out]),
