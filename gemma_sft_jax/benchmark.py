@@ -104,12 +104,19 @@ def _bench(config, steps, output, breakdown, tag, profile):
   compiled = parts.step_fn.lower(parts.state, parts.frozen, batch).compile()
   compile_s = time.time() - t1
   logging.info('compiled step in %.1f s; memory: %s', compile_s, _memory(compiled))
-  state, times = parts.state, []
+  # As the training loop runs: each step is dispatched before the host waits for the one before
+  # it. A step's time is from the previous step's end (the first: from its dispatch) to its own.
+  state, pending, ends = parts.state, None, []
+  t1 = time.time()
   for _ in range(steps + 2):
-    t1 = time.time()
     state, m = compiled(state, parts.frozen, batch)
-    loss = float(jax.device_get(m['loss']))  # Blocks until the step is done.
-    times.append(time.time() - t1)
+    if pending is not None:
+      loss = float(jax.device_get(pending['loss']))  # Blocks until that step is done.
+      ends.append(time.time())
+    pending = m
+  loss = float(jax.device_get(pending['loss']))
+  ends.append(time.time())
+  times = [float(x) for x in np.diff([t1] + ends)]
   if not np.isfinite(loss):  # A broken step (e.g. a kernel writing garbage) can run fast.
     raise RuntimeError(f'benchmark: the loss after {len(times)} steps is {loss}; the step is '
                        'broken, so no line is written')

@@ -103,7 +103,8 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused(gemma3_270m_gguf):
 
 
 def test_ctrl_c_saves_at_the_next_step_boundary(tmp_path, monkeypatch):
-  """SIGINT during step 3 saves step 3 (nothing queued behind it) and reports SIGINT."""
+  """SIGINT at step 3's boundary saves step 3 and reports SIGINT; the host keeps at most two
+  steps in flight, so at each boundary at most one dispatched step has not finished."""
   in_flight, dispatched = [], []
   build = train_lib.build
 
@@ -133,7 +134,8 @@ def test_ctrl_c_saves_at_the_next_step_boundary(tmp_path, monkeypatch):
   summary = train_lib.train(config, str(tmp_path))
   assert signal.getsignal(signal.SIGINT) is previous
   assert summary == {'preempted': True, 'step': 3, 'signal': 'SIGINT'}
-  # The host never ran ahead of the device: the step before each check had finished.
-  assert in_flight == [0, 0, 0, 0], in_flight
+  # The host never ran more than a step ahead of the device: at each check, every step but the
+  # latest had finished.
+  assert len(in_flight) == 4 and max(in_flight) <= 1, in_flight
   _, steps = _saved_steps(tmp_path)
   assert steps == [3]  # Resuming from it is test_train_cli's SIGINT test.

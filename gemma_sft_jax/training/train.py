@@ -289,15 +289,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     writer.close()
     progress.close()
 
-  pending = None  # Metrics of the step in flight.
+  pending = None  # Metrics of the step dispatched before the latest one.
   with checkpointing.PreemptionGuard() as guard:
     for step in range(start, steps):
       data_state = batches.state()  # Of the batch below: saved with the state before it.
       batch = data_lib.to_global_array(next(batches), batch_sharding)
-      if pending is not None:
-        # One step in flight at most (the next batch was prepared meanwhile), so a signal is
-        # acted on at the end of the step it arrived in, not after the steps queued behind it.
-        jax.block_until_ready(pending)
       if guard.should_stop(step):
         save(step, data_state, force=True)
         logging.warning('%s: saved step %d; exiting', guard.received or 'preemption signal', step)
@@ -305,6 +301,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         return {'preempted': True, 'step': step, 'signal': guard.received}
       t0 = time.time()
       state, m = step_fn(state, frozen, batch)
+      if pending is not None:
+        # Two steps in flight at most: this one was dispatched while the one before ran
+        # (dispatching a step of ~1000 arrays, as unrolled layers make, takes milliseconds
+        # that the device would otherwise wait for), and the host waits for that one before
+        # preparing the next batch. So a signal is acted on at most one step after the step
+        # it arrived in, not after many queued behind it.
+        jax.block_until_ready(pending)
       pending = m
       health.note(m, step + 1)
       tokens_window += config.train.batch_size * config.train.seq_len
