@@ -90,3 +90,34 @@ def test_trace_top_reads_one_device_and_counts_overlap_once(tmp_path):
   assert rows['gemm']['launches_per_step'] == 1.0
   # Busy 0-150 and 300-400 us: 250 us over 2 steps, where the kernels sum to 300.
   assert trace_top.union_ms(gpu0, steps=2) == pytest.approx(0.125)
+
+
+def test_update_kernels_are_the_fusions_writing_the_new_state():
+  """benchmarks/update_kernels.py: the entry's fusions whose results reach its ROOT through
+  get-tuple-element / bitcast / optimization barriers, and no fusion that only feeds them."""
+  spec = importlib.util.spec_from_file_location(
+      'update_kernels', os.path.join(REPO, 'benchmarks', 'update_kernels.py'))
+  update_kernels = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(update_kernels)
+  hlo = '\n'.join([
+      '%fused_a (p: f32[4]) -> f32[4] {', '  ROOT %x = f32[4]{0} negate(%p)', '}', '',
+      'ENTRY %main (p0: f32[4], p1: f32[4]) -> (f32[4], f32[4], f32[]) {',
+      '  %p0 = f32[4]{0} parameter(0)', '  %p1 = f32[4]{0} parameter(1)',
+      '  %grad.1 = f32[4]{0} fusion(%p0), kind=kLoop, calls=%fused_a',
+      '  %update.2 = (f32[4]{0}, f32[4]{0}) fusion(%grad.1, %p1), kind=kLoop, calls=%fused_a',
+      '  %gte.3 = f32[4]{0} get-tuple-element(%update.2), index=0',
+      '  %barrier = (f32[4]{0}, f32[4]{0}) opt-barrier(%gte.3, %p1)',
+      '  %gte.4 = f32[4]{0} get-tuple-element(%barrier), index=0',
+      '  %other.5 = f32[4]{0} fusion(%gte.4), kind=kLoop, calls=%fused_a',
+      '  %norm = f32[] fusion(%grad.1), kind=kInput, calls=%fused_a',
+      '  %dot = f32[4]{0} custom-call(%p0), custom_call_target="__cublas$gemm"',
+      '  ROOT %t = (f32[4]{0}, f32[4]{0}, f32[]) tuple(%other.5, %gte.4, %norm)',
+      '}'])
+  assert update_kernels.state_writers(hlo) == {'other_5', 'update_2', 'norm'}
+  line = {'tag': 't', 'device_ms_per_step': 10.0,
+          'kernels': [{'name': 'update_2', 'ms_per_step': 2.0, 'launches_per_step': 1.0},
+                      {'name': 'norm', 'ms_per_step': 0.5, 'launches_per_step': 2.0},
+                      {'name': 'grad_1', 'ms_per_step': 5.0, 'launches_per_step': 1.0}]}
+  out = update_kernels.summary(line, update_kernels.state_writers(hlo))
+  assert out['update_ms_per_step'] == 2.5 and out['update_launches_per_step'] == 3.0
+  assert out['update_kernels'] == ['norm', 'update_2']
