@@ -103,10 +103,12 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused(gemma3_270m_gguf):
 
 
 def test_ctrl_c_saves_at_the_next_step_boundary(tmp_path, monkeypatch):
-  """SIGINT at step 3's boundary saves step 3 and reports SIGINT; the host keeps at most two
-  steps in flight, so at each boundary at most one dispatched step has not finished."""
-  in_flight, dispatched = [], []
+  """SIGINT at step 3's boundary saves step 3 and reports SIGINT. The loop dispatches each step
+  before waiting for the one before it, and only for that one (two steps in flight at most), so
+  at each boundary at most one dispatched step has not finished."""
+  in_flight, dispatched, metrics, events = [], [], [], []
   build = train_lib.build
+  block_until_ready = jax.block_until_ready
 
   def counting_build(*args, **kwargs):
     parts = build(*args, **kwargs)
@@ -114,10 +116,16 @@ def test_ctrl_c_saves_at_the_next_step_boundary(tmp_path, monkeypatch):
 
     def step(state, frozen, batch):
       out = step_fn(state, frozen, batch)
+      events.append(('dispatch', len(dispatched)))
       dispatched.append(out[1]['loss'])
+      metrics.append(out[1])
       return out
     parts.step_fn = step
     return parts
+
+  def waiting(x):
+    events.extend(('wait', i) for i, m in enumerate(metrics) if m is x)
+    return block_until_ready(x)
 
   should_stop = checkpointing.PreemptionGuard.should_stop
 
@@ -129,9 +137,11 @@ def test_ctrl_c_saves_at_the_next_step_boundary(tmp_path, monkeypatch):
 
   monkeypatch.setattr(train_lib, 'build', counting_build)
   monkeypatch.setattr(checkpointing.PreemptionGuard, 'should_stop', stop_at)
+  monkeypatch.setattr(jax, 'block_until_ready', waiting)
   config = _config(**{'train.steps': 6, 'train.log_every': 100, 'checkpoint.every_steps': 100})
   previous = signal.getsignal(signal.SIGINT)
   summary = train_lib.train(config, str(tmp_path))
+  assert events == [('dispatch', 0), ('dispatch', 1), ('wait', 0), ('dispatch', 2), ('wait', 1)]
   assert signal.getsignal(signal.SIGINT) is previous
   assert summary == {'preempted': True, 'step': 3, 'signal': 'SIGINT'}
   # The host never ran more than a step ahead of the device: at each check, every step but the
