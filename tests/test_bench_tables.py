@@ -121,3 +121,37 @@ def test_update_kernels_are_the_fusions_writing_the_new_state():
   out = update_kernels.summary(line, update_kernels.state_writers(hlo))
   assert out['update_ms_per_step'] == 2.5 and out['update_launches_per_step'] == 3.0
   assert out['update_kernels'] == ['norm', 'update_2']
+
+
+def test_live_buffers_estimates_the_peak_and_what_is_held():
+  """benchmarks/live_buffers.py on a scheduled entry computation: a buffer lives from its
+  instruction to its last use; bitcasts share it, a dynamic-update-slice fusion writes into its
+  operand's, a custom call into the operand it is aliased to; parameters are not counted."""
+  spec = importlib.util.spec_from_file_location(
+      'live_buffers', os.path.join(REPO, 'benchmarks', 'live_buffers.py'))
+  live_buffers = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(live_buffers)
+  fwd = 'metadata={op_name="jit(s)/jvp(T)/layer_%d/mul"}'
+  hlo = '\n'.join([
+      'ENTRY %main (p: f32[1024]) -> (f32[4], f32[256]) {',
+      '  %p = f32[1024]{0} parameter(0)',
+      '  %a = f32[1024]{0} fusion(%p), kind=kLoop, calls=%f, ' + fwd % 0,      # 4 KiB
+      '  %b = f32[2048]{0} fusion(%p), kind=kLoop, calls=%f, ' + fwd % 1,      # 8 KiB
+      '  %b2 = f32[2,1024]{1,0} bitcast(%b)',
+      '  %u = f32[2048]{0} fusion(%b, %a), kind=kLoop, calls=%f, '
+      'metadata={op_name="jit(s)/transpose(jvp(T))/dynamic_update_slice"}',  # in place in b
+      '  %k = (f32[1024]{0}, f32[8]{0}) custom-call(%a, %u), custom_call_target="k", '
+      'output_to_operand_aliasing={{0}: (0, {})}, metadata={op_name="jit(s)/upd"}',
+      '  %c = f32[4]{0} fusion(%k#0, %b2, %u), kind=kLoop, calls=%f',  # peak: a, b, k#1, c
+      '  %d = f32[256]{0} fusion(%c), kind=kLoop, calls=%f',
+      '  ROOT %t = (f32[4]{0}, f32[256]{0}) tuple(%c, %d)',
+      '}'])
+  insts = live_buffers.parse(hlo)
+  assert [i.opcode for i in insts][:3] == ['parameter', 'fusion', 'fusion']
+  best, at, live = live_buffers.peak(insts)
+  assert insts[at].name == 'c'
+  assert live == {'a', 'b', 'k#1', 'c'}
+  assert best == 4096 + 8192 + 32 + 16
+  rows = live_buffers.groups(live, insts)
+  assert rows[0] == (('f32[2048]', 'fwd', 'jit(s)/jvp(T)/layer_N/mul'), 8192, 1)
+  assert rows[1] == (('f32[1024]', 'fwd', 'jit(s)/jvp(T)/layer_N/mul'), 4096, 1)

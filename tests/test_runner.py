@@ -93,6 +93,10 @@ def test_benchmark_cli_appends_its_json_line(tmp_path):
   with open(out) as f:
     rows = [json.loads(line) for line in f]
   assert len(rows) == 1 and rows[0]['tag'] == 't' and rows[0]['tokens_per_s'] > 0
+  # Every step's time (warm-up steps first), each from the end of the step before.
+  row = rows[0]
+  assert len(row['step_s']) == 3 and row['step_s'][0] == row['first_step_s']
+  assert row['step_s_median'] == row['step_s'][2] and min(row['step_s']) > 0
 
 
 def test_library_info_chatter_is_dropped_and_warnings_kept():
