@@ -11,7 +11,9 @@ place). A buffer lives from its instruction to its last use; parameters (the ste
 are not counted. The peak of that sum is an estimate of XLA's temporaries (it ignores XLA's
 buffer reuse inside fusions and its exact allocation), good for seeing what is held: the live
 buffers at the peak, grouped by shape, pass (forward `fwd` / backward `bwd`) and op_name with
-layer numbers dropped.
+layer numbers dropped. An async-start shares its operands' buffers and its async-done the
+result's (its small context is not counted). A while loop's result counts as new buffers (XLA mostly reuses its operand's), so the
+estimate is for steps without loops (unrolled layers); scanned steps come out too high.
 """
 
 from __future__ import annotations
@@ -118,6 +120,20 @@ def buffers(insts: list[Instruction]) -> tuple[dict, dict, dict]:
       value[inst.name] = get(inst.operands[0])
     elif inst.opcode in ('parameter', 'constant'):
       value[inst.name] = frozenset()
+    elif inst.opcode == 'async-done':  # the result of its async-start
+      value[inst.name] = get(f'{inst.operands[0]}#1')
+    elif inst.opcode == 'async-start' and parts is not None and len(parts) >= 2:
+      # ((operands), result, context): the operands are shared; an in-place
+      # dynamic-update-slice writes its result into the operand of the same size.
+      value[f'{inst.name}#0'] = frozenset().union(*(get(o) for o in inst.operands))
+      same = [o for o in inst.operands
+              if get(o) and sum(size.get(b, 0) for b in get(o)) == nbytes(parts[1])]
+      if inst.op_name.endswith('dynamic_update_slice') and same:
+        value[f'{inst.name}#1'] = get(same[0])
+      else:
+        key = f'{inst.name}#1'
+        value[key], size[key], owner[key] = frozenset((key,)), nbytes(parts[1]), inst
+      value[inst.name] = value[f'{inst.name}#0'] | value[f'{inst.name}#1']
     else:
       alias = _aliases(inst)
       in_place = (parts is None and inst.opcode == 'fusion'
@@ -132,7 +148,7 @@ def buffers(insts: list[Instruction]) -> tuple[dict, dict, dict]:
           same = [o for o in inst.operands
                   if get(o) and sum(size.get(b, 0) for b in get(o)) == nbytes(part)]
           shared = get(same[0]) if same else None
-        if not shared:
+        if shared is None or (not shared and i not in alias):  # aliased to an argument: none
           shared = frozenset((key,))
           size[key], owner[key] = nbytes(part), inst
         value[key] = shared

@@ -155,3 +155,20 @@ def test_live_buffers_estimates_the_peak_and_what_is_held():
   rows = live_buffers.groups(live, insts)
   assert rows[0] == (('f32[2048]', 'fwd', 'jit(s)/jvp(T)/layer_N/mul'), 8192, 1)
   assert rows[1] == (('f32[1024]', 'fwd', 'jit(s)/jvp(T)/layer_N/mul'), 4096, 1)
+  # An async in-place dynamic-update-slice shares its target's buffer, as does its async-done;
+  # a custom call writing into an argument adds nothing.
+  dus = 'metadata={op_name="jit(s)/transpose(jvp(T))/dynamic_update_slice"}'
+  hlo = '\n'.join([
+      'ENTRY %main (p: f32[1024]) -> (f32[2048], f32[1024]) {',
+      '  %p = f32[1024]{0} parameter(0)',
+      '  %g = f32[2048]{0} fusion(%p), kind=kLoop, calls=%f',
+      '  %x = f32[16]{0} fusion(%p), kind=kLoop, calls=%f',
+      '  %s = ((f32[2048]{0}, f32[16]{0}), f32[2048]{0}, u32[]) async-start(%g, %x), '
+      'calls=%a, ' + dus,
+      '  %d = f32[2048]{0} async-done(%s), ' + dus,
+      '  %k = f32[1024]{0} custom-call(%p), custom_call_target="k", '
+      'output_to_operand_aliasing={{}: (0, {})}, metadata={op_name="jit(s)/upd"}',
+      '  ROOT %t = (f32[2048]{0}, f32[1024]{0}) tuple(%d, %k)',
+      '}'])
+  best, _, live = live_buffers.peak(live_buffers.parse(hlo))
+  assert best == 8192 + 64 and live == {'g', 'x'}
