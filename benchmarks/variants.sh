@@ -44,6 +44,10 @@ declare -A V=(
   [9b_full_unrolled]="$F9B $B8 $UNROLLED"
   [9b_full_unrolled_nocse]="$F9B $B8 $UNROLLED --config.model.remat_prevent_cse=false"
   [9b_lora_unrolled_nocse]="$L9B $B8 $UNROLLED --config.model.remat_prevent_cse=false"
+  # 9B full SFT unrolled with the barriers, saving all seven projections: remat then recomputes
+  # only elementwise work, and each layer's saved outputs can be freed as its gradients appear
+  # (scanned layers allocate every layer's gradients up front).
+  [9b_full_unrolled_save_projections]="$F9B $B8 $UNROLLED --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
   [9b_full]="$F9B $B8 --breakdown"
   # Attention: the einsum path instead of the flash kernels ('auto' takes them on GPU).
   [2b_full_einsum]="$G2B $B8 --config.model.attention=einsum --breakdown"
