@@ -103,15 +103,31 @@ def _aliases(inst: Instruction) -> dict[int, int]:
           for out, operand in re.findall(r'\{(\d*)\}: \((\d+), \{[^}]*\}\)', m.group(1))}
 
 
+def _get(value: dict, name: str) -> frozenset:
+  """The buffers of a value (`name`, or `name#i` for element i of a tuple result)."""
+  return value.get(name, value.get(name.split('#')[0], frozenset()))
+
+
+def _written_into(inst: Instruction, nbytes_: int, value: dict, size: dict) -> frozenset | None:
+  """For an in-place update, the buffers of the operand of the result's size (None: none)."""
+  for o in inst.operands:
+    found = _get(value, o)
+    if found and sum(size.get(b, 0) for b in found) == nbytes_:
+      return found
+  return None
+
+
 def buffers(insts: list[Instruction]) -> tuple[dict, dict, dict]:
   """(value -> frozenset of buffer ids, buffer id -> bytes, buffer id -> instruction)."""
   value, size, owner = {}, {}, {}
 
-  def get(name):
-    return value.get(name, value.get(name.split('#')[0], frozenset()))
+  def new(key, shape, inst):
+    size[key], owner[key] = nbytes(shape), inst
+    return frozenset((key,))
 
   for inst in insts:
     parts = elements(inst.shape)
+    get = lambda name: _get(value, name)  # noqa: E731
     if inst.opcode == 'tuple':
       for i, o in enumerate(inst.operands):
         value[f'{inst.name}#{i}'] = get(o)
@@ -125,15 +141,12 @@ def buffers(insts: list[Instruction]) -> tuple[dict, dict, dict]:
     elif inst.opcode == 'async-start' and parts is not None and len(parts) >= 2:
       # ((operands), result, context): the operands are shared; an in-place
       # dynamic-update-slice writes its result into the operand of the same size.
+      key = f'{inst.name}#1'
       value[f'{inst.name}#0'] = frozenset().union(*(get(o) for o in inst.operands))
-      same = [o for o in inst.operands
-              if get(o) and sum(size.get(b, 0) for b in get(o)) == nbytes(parts[1])]
-      if inst.op_name.endswith('dynamic_update_slice') and same:
-        value[f'{inst.name}#1'] = get(same[0])
-      else:
-        key = f'{inst.name}#1'
-        value[key], size[key], owner[key] = frozenset((key,)), nbytes(parts[1]), inst
-      value[inst.name] = value[f'{inst.name}#0'] | value[f'{inst.name}#1']
+      written = (_written_into(inst, nbytes(parts[1]), value, size)
+                 if inst.op_name.endswith('dynamic_update_slice') else None)
+      value[key] = written if written else new(key, parts[1], inst)
+      value[inst.name] = value[f'{inst.name}#0'] | value[key]
     else:
       alias = _aliases(inst)
       in_place = (parts is None and inst.opcode == 'fusion'
@@ -145,37 +158,37 @@ def buffers(insts: list[Instruction]) -> tuple[dict, dict, dict]:
         if i in alias and alias[i] < len(inst.operands):
           shared = get(inst.operands[alias[i]])
         elif in_place:  # the operand of the result's size is the one written into
-          same = [o for o in inst.operands
-                  if get(o) and sum(size.get(b, 0) for b in get(o)) == nbytes(part)]
-          shared = get(same[0]) if same else None
+          shared = _written_into(inst, nbytes(part), value, size)
         if shared is None or (not shared and i not in alias):  # aliased to an argument: none
-          shared = frozenset((key,))
-          size[key], owner[key] = nbytes(part), inst
+          shared = new(key, part, inst)
         value[key] = shared
         ids.append(shared)
       value[inst.name] = frozenset().union(*ids)
   return value, size, owner
 
 
-def peak(insts: list[Instruction]) -> tuple[int, int, set[str]]:
-  """(peak bytes, index of the instruction at the peak, buffer ids live there)."""
-  value, size, _ = buffers(insts)
-  get = lambda o: value.get(o, value.get(o.split('#')[0], frozenset()))  # noqa: E731
+def peak(insts: list[Instruction], bufs: tuple[dict, dict, dict] | None = None
+         ) -> tuple[int, int, set[str]]:
+  """(peak bytes, index of the instruction at the peak, buffer ids live there). `bufs`:
+  `buffers(insts)`, where already computed."""
+  value, size, owner = bufs or buffers(insts)
+  index_of = {inst.name: index for index, inst in enumerate(insts)}
+  created_at = collections.defaultdict(list)
+  for key, inst in owner.items():
+    created_at[index_of[inst.name]].append(key)
   last = {}
   for index, inst in enumerate(insts):
     for o in inst.operands:
-      for b in get(o):
+      for b in _get(value, o):
         last[b] = index
-  kept = get(insts[-1].name)  # the step's outputs
+  kept = _get(value, insts[-1].name)  # the step's outputs
 
   def walk(stop):
     live, current, best, best_at = set(), 0, 0, 0
-    for index, inst in enumerate(insts):
-      created = [k for k in (inst.name, *(f'{inst.name}#{i}' for i in range(
-          len(elements(inst.shape) or [])))) if k in size and k not in live]
-      for key in created:
-        live.add(key)
-        current += size[key]
+    for index in range(len(insts)):
+      created = created_at.get(index, [])
+      live.update(created)
+      current += sum(size[key] for key in created)
       if current > best:
         best, best_at = current, index
       if index == stop:
@@ -190,10 +203,11 @@ def peak(insts: list[Instruction]) -> tuple[int, int, set[str]]:
   return best, at, walk(at)[2]
 
 
-def groups(live: set[str], insts: list[Instruction]) -> list[tuple[tuple[str, str, str], int, int]]:
+def groups(live: set[str], insts: list[Instruction], bufs: tuple[dict, dict, dict] | None = None
+           ) -> list[tuple[tuple[str, str, str], int, int]]:
   """Live buffers grouped by (shape, pass, op_name without layer numbers): (key, bytes, count),
-  largest first."""
-  _, size, owner = buffers(insts)
+  largest first. `bufs`: `buffers(insts)`, where already computed."""
+  _, size, owner = bufs or buffers(insts)
   total, count = collections.Counter(), collections.Counter()
   for b in live:
     inst = owner[b]
@@ -215,10 +229,11 @@ def main() -> None:
   opener = gzip.open if args.hlo.endswith('.gz') else open
   with opener(args.hlo, 'rt') as f:
     insts = parse(f.read())
-  best, at, live = peak(insts)
+  bufs = buffers(insts)
+  best, at, live = peak(insts, bufs)
   print(f'{len(insts)} instructions; estimated peak {best / 2**30:.2f} GiB at {at} '
         f'({insts[at].name}: {insts[at].op_name})')
-  for (shape, where, name), b, n in groups(live, insts)[:args.top]:
+  for (shape, where, name), b, n in groups(live, insts, bufs)[:args.top]:
     print(f'{b / 2**30:7.2f} GiB x{n:<4d} {shape:24s} {where} {name}')
 
 

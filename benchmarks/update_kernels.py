@@ -13,51 +13,29 @@ the kernel names and the step's device ms.
 import argparse
 import gzip
 import json
-import re
 
-_DEF = re.compile(r'^\s*(ROOT )?%([\w.\-]+) = (.*)$')
-_OPCODE = re.compile(r'([a-z][a-z\-]*)\(')  # the first `name(` after the (tuple) type
-_PASS_THROUGH = ('get-tuple-element', 'bitcast', 'copy', 'opt-barrier')
+import live_buffers  # benchmarks/live_buffers.py: the HLO entry computation's instructions
+
+_PASS_THROUGH = ('get-tuple-element', 'bitcast', 'copy', 'opt-barrier', 'tuple')
 
 
 def state_writers(hlo_text: str) -> set[str]:
   """Names (as trace kernels spell them: `.` -> `_`) of the entry's fusions feeding its ROOT."""
-  entry = hlo_text[hlo_text.index('\nENTRY'):]
-  defs, root = {}, []
-  for line in entry.split('\n')[1:]:
-    m = _DEF.match(line)
-    if not m:
-      continue
-    defs[m.group(2)] = _instruction(m.group(3))
-    if m.group(1):
-      root = defs[m.group(2)][1]
-      break
-  found = set()
-  todo, seen = list(root), set()
+  insts = live_buffers.parse(hlo_text)
+  by_name = {inst.name: inst for inst in insts}
+  found, seen = set(), set()
+  todo = [o.split('#')[0] for o in insts[-1].operands]  # the ROOT is the entry's last
   while todo:
     name = todo.pop()
-    if name in seen or name not in defs:
+    if name in seen or name not in by_name:
       continue
     seen.add(name)
-    opcode, operands = defs[name]
-    if opcode == 'fusion':
+    inst = by_name[name]
+    if inst.opcode == 'fusion':
       found.add(name.replace('.', '_'))
-    elif opcode in _PASS_THROUGH:
-      todo.extend(operands)
+    elif inst.opcode in _PASS_THROUGH:
+      todo.extend(o.split('#')[0] for o in inst.operands)
   return found
-
-
-def _instruction(rest: str) -> tuple[str, list[str]]:
-  """(opcode, %operand names) of an HLO instruction's right-hand side."""
-  m = _OPCODE.search(rest)
-  if not m:
-    return '', []
-  depth = 0
-  for i in range(m.end() - 1, len(rest)):
-    depth += {'(': 1, ')': -1}.get(rest[i], 0)
-    if depth == 0:
-      return m.group(1), re.findall(r'%([\w.\-]+)', rest[m.end():i])
-  return m.group(1), re.findall(r'%([\w.\-]+)', rest[m.end():])
 
 
 def summary(trace_line: dict, names: set[str]) -> dict:

@@ -107,15 +107,19 @@ def _bench(config, steps, output, breakdown, tag, profile):
   # As the training loop runs: each step is dispatched before the host waits for the one before
   # it. A step's time is from the previous step's end (the first: from its dispatch) to its own.
   state, pending, ends = parts.state, None, []
+
+  def finish(m):  # Blocks until the step of metrics m is done; its loss.
+    loss = float(jax.device_get(m['loss']))
+    ends.append(time.time())
+    return loss
+
   t1 = time.time()
   for _ in range(steps + 2):
     state, m = compiled(state, parts.frozen, batch)
     if pending is not None:
-      loss = float(jax.device_get(pending['loss']))  # Blocks until that step is done.
-      ends.append(time.time())
+      finish(pending)
     pending = m
-  loss = float(jax.device_get(pending['loss']))
-  ends.append(time.time())
+  loss = finish(pending)
   times = [float(x) for x in np.diff([t1] + ends)]
   if not np.isfinite(loss):  # A broken step (e.g. a kernel writing garbage) can run fast.
     raise RuntimeError(f'benchmark: the loss after {len(times)} steps is {loss}; the step is '

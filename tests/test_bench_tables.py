@@ -92,9 +92,10 @@ def test_trace_top_reads_one_device_and_counts_overlap_once(tmp_path):
   assert trace_top.union_ms(gpu0, steps=2) == pytest.approx(0.125)
 
 
-def test_update_kernels_are_the_fusions_writing_the_new_state():
+def test_update_kernels_are_the_fusions_writing_the_new_state(monkeypatch):
   """benchmarks/update_kernels.py: the entry's fusions whose results reach its ROOT through
   get-tuple-element / bitcast / optimization barriers, and no fusion that only feeds them."""
+  monkeypatch.syspath_prepend(os.path.join(REPO, 'benchmarks'))  # it reads HLO with live_buffers
   spec = importlib.util.spec_from_file_location(
       'update_kernels', os.path.join(REPO, 'benchmarks', 'update_kernels.py'))
   update_kernels = importlib.util.module_from_spec(spec)
