@@ -48,6 +48,16 @@ declare -A V=(
   # only elementwise work, and each layer's saved outputs can be freed as its gradients appear
   # (scanned layers allocate every layer's gradients up front).
   [9b_full_unrolled_save_projections]="$F9B $B8 $UNROLLED --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+  # Unrolled 9B full SFT, each layer's recomputation held until its output's cotangent exists
+  # (model.remat_after_cotangent), with the default policy or saving all seven projections.
+  [9b_full_unrolled_after_cotangent]="$F9B $B8 $UNROLLED --config.model.remat_after_cotangent=true"
+  [9b_full_unrolled_after_cotangent_save_projections]="$F9B $B8 $UNROLLED --config.model.remat_after_cotangent=true --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+  # Unrolled 9B full SFT without the barriers, XLA's scheduler told to aim at less memory
+  # (xla_gpu_memory_limit_slop_factor: percent of the device's memory left after the arguments).
+  # The 9B full-SFT default (unrolled, remat_after_cotangent, all seven projections saved) keeping
+  # attention's output and log-sum-exp too.
+  [9b_full_save_attention_after_cotangent]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,attention"
+  [9b_full_unrolled_nocse_slop30]="$F9B $B8 $UNROLLED --config.model.remat_prevent_cse=false"
   [9b_full]="$F9B $B8 --breakdown"
   # Attention: the einsum path instead of the flash kernels ('auto' takes them on GPU).
   [2b_full_einsum]="$G2B $B8 --config.model.attention=einsum --breakdown"
@@ -108,6 +118,7 @@ declare -A ENVS=(
 )
 declare -A FLAGS=(
   [2b_full_no_triton_gemm]="--xla_gpu_enable_triton_gemm=false"
+  [9b_full_unrolled_nocse_slop30]="--xla_gpu_memory_limit_slop_factor=30"
   [2b_full_fsdp2_overlap]="$OVERLAP"
   [9b_lora_fsdp2_overlap]="$OVERLAP"
   [9b_full_fsdp2_overlap]="$OVERLAP"

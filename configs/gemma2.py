@@ -32,9 +32,9 @@ def get_config(arg=None):
   # its log-sum-exp too, so the backward pass does not run the forward kernel again): +1.7% for
   # 0.4 GiB. 9B LoRA gained 0.8% for 1.3 GiB that way, 9B full would need 64.9 GiB: neither does.
   projections = 'save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
+  # 9B full SFT unrolls its layers and saves all seven too (below).
   c.model.remat = {('2b', 'full'): projections + ',attention', ('2b', 'lora'): projections,
-                   ('9b', 'lora'): projections,
-                   ('9b', 'full'): 'save:q_proj,k_proj,v_proj,o_proj,down_proj,gate_proj'
+                   ('9b', 'lora'): projections, ('9b', 'full'): projections,
                    }.get((args.size, args.method), 'full')
   # Logits of the chunked loss in bf16 (statistics in fp32): the head's backward matmuls take a
   # bf16 cotangent and run at bf16 speed (2B full SFT: 17,108 vs 15,448 tokens/s on an H200).
@@ -48,12 +48,13 @@ def get_config(arg=None):
   # slices copied out of stacked params, no stacked gradients zero-filled, XLA free to keep what
   # the policy would recompute. On an H200 (batch 8 x 512) 5-9% faster than scanned at 29.1
   # instead of 26.3 GiB, for ~50 s of compilation instead of ~10 (BENCHMARKS.md). 9B full SFT
-  # unrolled runs 15% faster too (8,806 against 7,673 tokens/s), but at 70.5 GiB, over what fits
-  # an 80 GB GPU with room, so 9B stays scanned (`--config.model.scan_layers=false
-  # --config.model.remat_prevent_cse=false` where memory allows).
-  unrolled = (args.size, args.method) == ('2b', 'full')
+  # unrolls its 42 layers too, each layer's backward pass held in its place
+  # (model.remat_after_cotangent): saving all seven projections, 8,626 tokens/s at 54.8 GiB on an
+  # H200 against 7,673 at 63.6 GiB scanned, for ~70 s of compilation (BENCHMARKS.md).
+  unrolled = args.method == 'full' and args.size in ('2b', '9b')
   c.model.scan_layers = not unrolled
   c.model.remat_prevent_cse = not unrolled
+  c.model.remat_after_cotangent = (args.size, args.method) == ('9b', 'full')
   c.tuning_method = args.method
   c.train.batch_size = 16
   c.train.seq_len = 512

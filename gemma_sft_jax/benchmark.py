@@ -145,6 +145,7 @@ def _bench(config, steps, output, breakdown, tag, profile):
       'state_dtype': config.optim.state_dtype, 'remat': config.model.remat,
       'scan_layers': config.model.scan_layers,
       'remat_prevent_cse': config.model.remat_prevent_cse,
+      'remat_after_cotangent': config.model.remat_after_cotangent,
       'logits_dtype': config.model.logits_dtype,
       'attention': attention,
       'save_loss_logits': config.model.save_loss_logits,

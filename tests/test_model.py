@@ -240,6 +240,54 @@ def test_remat_prevent_cse_only_sets_the_barriers():
   assert barriers_and_grads(True, scan=True)[0] == 0
 
 
+def test_remat_after_cotangent_holds_each_layer_and_keeps_gradients():
+  """model.remat_after_cotangent wraps each unrolled layer's backward pass in two optimization
+  barriers (entry: residuals + cotangent; exit: trained cotangents + input cotangent) and changes
+  no gradient; scanned layers and remat='none' are left alone."""
+  config = architecture.VARIANTS['tiny_gemma2']
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 9)))
+  params = model_lib.Transformer(config).init(jax.random.key(0), tokens)['params']
+
+  def barriers_and_grads(scan=False, **kw):
+    m = model_lib.Transformer(config, scan_layers=scan, **kw)
+    p = _stack(params, config.num_layers) if scan else params
+    fn = jax.jit(jax.grad(lambda p: m.apply({'params': p}, tokens)[0].mean()))
+    return fn.lower(p).as_text().count('optimization_barrier'), fn(p)
+
+  _, ref = barriers_and_grads(remat='none')
+  for remat in ('full', 'save:q_proj,gate_proj'):
+    held, grads = barriers_and_grads(remat=remat, remat_after_cotangent=True)
+    assert held == 2 * config.num_layers, (remat, held)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, grads)
+  assert barriers_and_grads(remat='none', remat_after_cotangent=True)[0] == 0
+  assert barriers_and_grads(scan=True, remat='full', remat_after_cotangent=True)[0] == 0
+
+
+def test_remat_after_cotangent_under_lora_computes_no_frozen_gradient():
+  """Under LoRA the frozen kernels' cotangents leave the exit barrier unused: XLA drops them
+  (the compiled backward does no more work than jax.checkpoint's), and the adapter gradients are
+  the same."""
+  config = dataclasses.replace(architecture.VARIANTS['tiny_gemma2'], embed_dim=64, hidden_dim=256)
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 64)))
+  spec = lora.LoraSpec(rank=4, alpha=8.0, targets=r'.*_proj/kernel')
+  names = 'save:' + ','.join(model_lib.PROJECTIONS)
+
+  def step(**kw):
+    m = model_lib.Transformer(config, lora=spec, remat=names, **kw)
+    params = m.init(jax.random.key(0), tokens)['params']
+    adapters, base = lora.split(params, 'lora')
+    adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # B starts at zero
+    loss = lambda a: m.apply({'params': lora.join(a, base)}, tokens)[0].std()  # noqa: E731
+    fn = jax.jit(jax.grad(loss))
+    return fn(adapters), fn.lower(adapters).compile().cost_analysis()['flops']
+
+  g_ref, flops_ref = step()
+  g_held, flops_held = step(remat_after_cotangent=True)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_held, g_ref)
+  # A frozen kernel's gradient is one more matmul per projection: ~1/3 more of the layers' work.
+  assert flops_held < 1.05 * flops_ref, (flops_held, flops_ref)
+
+
 def test_lora_saves_each_projection_output_once_by_name():
   """For LoRA, saving the projections by name keeps one output per projection (base + adapter)
   where 'dots' keeps the base matmul's and the adapter's apart: the compiled backward needs less

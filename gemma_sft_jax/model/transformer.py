@@ -280,6 +280,40 @@ def remat_policy(remat: str) -> Any:
   return _REMAT_POLICIES[remat]
 
 
+def _recompute_after_cotangent(layer: nn.Module, deterministic: bool, *args):
+  """`layer(*args, deterministic)` whose backward pass runs as one block, in its place.
+
+  The forward pass keeps the layer's vjp (its residuals: what the remat policy saves). The
+  backward pass puts those residuals and the incoming cotangent through one optimization
+  barrier, so the recomputation cannot start before the backward pass reaches the layer nor
+  merge with the forward pass; and the layer's trained parameters' cotangents and its input's
+  cotangent through another, so the layer's weight gradients are computed before the layer
+  below starts (XLA's scheduler would otherwise put them off and keep what they read alive).
+  Under LoRA the frozen kernels' cotangents go through the barrier unused, and XLA drops them.
+  """
+  def run(mdl, *a):
+    return mdl(*a, deterministic)
+
+  def forward(mdl, *a):
+    return nn.vjp(run, mdl, *a)
+
+  def backward(vjp_fn, cotangent):
+    vjp_fn, cotangent = jax.lax.optimization_barrier((vjp_fn, cotangent))
+    return _hold_trained(vjp_fn(cotangent))
+
+  return nn.custom_vjp(run, forward_fn=forward, backward_fn=backward)(layer, *args)
+
+
+def _hold_trained(cotangents: Any) -> Any:
+  """(param cotangents, *input cotangents) through one optimization barrier: every parameter's
+  and every float input's (integer inputs' float0 cotangents pass as they are)."""
+  leaves, treedef = jax.tree.flatten(cotangents)
+  held = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  for i, x in zip(held, jax.lax.optimization_barrier([leaves[i] for i in held])):
+    leaves[i] = x
+  return jax.tree.unflatten(treedef, leaves)
+
+
 class Transformer(nn.Module):
   """The Gemma decoder. `__call__` returns (logits or final hidden states, new cache)."""
 
@@ -300,6 +334,11 @@ class Transformer(nn.Module):
   # would recompute (more memory, less work). Scanned layers never need them: the loop keeps the
   # passes apart.
   remat_prevent_cse: bool = True
+  # Unrolled layers with remat: each layer's recomputation waits for the cotangent of its output
+  # (an optimization barrier over the layer's saved values and that cotangent), so XLA can
+  # neither merge it with the forward pass nor schedule it before the backward pass reaches the
+  # layer. Replaces jax.checkpoint's own barriers, which tie only the saved values together.
+  remat_after_cotangent: bool = False
   # Attention's implementation during training (no KV cache): 'einsum' (attention.attend, the
   # reference, any backend), 'flash' (flash_attention's Pallas kernels: GPU, or the Pallas
   # interpreter elsewhere) or 'auto' (flash on GPU where the kernels apply, einsum otherwise).
@@ -320,7 +359,8 @@ class Transformer(nn.Module):
     block = Block
     if self.remat != 'none':
       block = nn.remat(Block, policy=remat_policy(self.remat), static_argnums=(5,),
-                       prevent_cse=self.remat_prevent_cse and not self.scan_layers)
+                       prevent_cse=(self.remat_prevent_cse and not self.scan_layers
+                                    and not self.remat_after_cotangent))
 
     def ranks(i):
       return ({p: self.lora.rank_for(f'layer_{i}/attn/{p}/kernel')
@@ -392,7 +432,11 @@ class Transformer(nn.Module):
       for i, layer in enumerate(self.layers):
         layer_cache = cache[f'layer_{i}'] if cache is not None else None
         layer_shared = shared[f'layer_{i}'] if shared is not None else None
-        x, c = layer(x, (None, layer_cache, layer_shared), positions, segment_ids, deterministic)
+        args = (x, (None, layer_cache, layer_shared), positions, segment_ids)
+        if self.remat != 'none' and self.remat_after_cotangent:
+          x, c = _recompute_after_cotangent(layer, deterministic, *args)
+        else:
+          x, c = layer(*args, deterministic)
         if cache is not None:
           new_cache[f'layer_{i}'] = c
     x = self.final_norm(x)

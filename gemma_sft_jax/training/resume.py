@@ -44,6 +44,7 @@ SAFE_TO_CHANGE = (
     'lora.base_sharding',  # Where the frozen base lies; it is never checkpointed.
     'model.remat',      # Memory for speed; the same maths.
     'model.remat_prevent_cse',  # Likewise.
+    'model.remat_after_cotangent',  # Likewise.
     'model.save_loss_logits',  # Likewise.
     'model.attention',  # Fused kernels or the einsum path: the same maths.
     'optim.grad_accum',  # Microbatching; the same global batch and normalisation.

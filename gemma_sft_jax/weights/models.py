@@ -84,6 +84,7 @@ def model_setup(config: ml_collections.ConfigDict, *, with_lora: bool,
       model_config, dtype=dtype_of(c.dtype, 'model.dtype'),
       param_dtype=dtype_of(c.param_dtype, 'model.param_dtype'), lora=spec, remat=c.remat,
       scan_layers=c.scan_layers, remat_prevent_cse=c.remat_prevent_cse,
+      remat_after_cotangent=c.remat_after_cotangent,
       attention=c.attention,
       activation_sharding=sharding.activation_sharding(mesh) if mesh is not None else None)
   return Setup(model, model_config, tokenizer, checkpoint)
