@@ -14,6 +14,10 @@ B16="--config.train.batch_size=16 --config.mesh.fsdp=2"
 G2B="--config=configs/gemma2.py:size=2b,method=full"
 L9B="--config=configs/gemma2.py:size=9b,method=lora"
 F9B="--config=configs/gemma2.py:size=9b,method=full"
+# 9B full SFT as its config was before 2026-12-01's unrolled default (scanned, up_proj recomputed):
+# the 9B full-SFT variants measured before then run on it, so they keep their meaning.
+F9S="$F9B --config.model.scan_layers=true --config.model.remat_prevent_cse=true \
+ --config.model.remat_after_cotangent=false --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,gate_proj"
 UNROLLED="--config.model.scan_layers=false"
 # Collective overlap for FSDP: the latency-hiding scheduler, collectives of the next scanned layer
 # started inside the previous iteration, and larger combined collectives.
@@ -27,8 +31,8 @@ declare -A V=(
   [2b_full_none_f32]="$G2B $B8 --config.model.remat=none --config.model.logits_dtype=float32 --breakdown"
   [2b_full_none_bf16]="$G2B $B8 --config.model.remat=none --config.model.logits_dtype=bfloat16 --breakdown"
   [2b_full_dots_bf16]="$G2B $B8 --config.model.remat=dots --config.model.logits_dtype=bfloat16"
-  [9b_full_full_bf16]="$F9B $B8 --config.model.remat=full --config.model.logits_dtype=bfloat16 --breakdown"
-  [9b_full_dots_bf16]="$F9B $B8 --config.model.remat=dots --config.model.logits_dtype=bfloat16"
+  [9b_full_full_bf16]="$F9S $B8 --config.model.remat=full --config.model.logits_dtype=bfloat16 --breakdown"
+  [9b_full_dots_bf16]="$F9S $B8 --config.model.remat=dots --config.model.logits_dtype=bfloat16"
   [9b_lora_dots_bf16]="$L9B $B8 --config.model.remat=dots --config.model.logits_dtype=bfloat16 --breakdown"
   [9b_lora_none_bf16]="$L9B $B8 --config.model.remat=none --config.model.logits_dtype=bfloat16"
   # The configs' defaults, and single levers on them.
@@ -41,38 +45,35 @@ declare -A V=(
   # 2B full-SFT default since 2026-12-01, which 2b_full_scanned undoes).
   [2b_full_scanned]="$G2B $B8 --config.model.scan_layers=true --config.model.remat_prevent_cse=true"
   [2b_full_unrolled_nocse]="$G2B $B8 $UNROLLED --config.model.remat_prevent_cse=false"
-  [9b_full_unrolled]="$F9B $B8 $UNROLLED"
-  [9b_full_unrolled_nocse]="$F9B $B8 $UNROLLED --config.model.remat_prevent_cse=false"
+  [9b_full_unrolled]="$F9S $B8 $UNROLLED"
+  [9b_full_unrolled_nocse]="$F9S $B8 $UNROLLED --config.model.remat_prevent_cse=false"
   [9b_lora_unrolled_nocse]="$L9B $B8 $UNROLLED --config.model.remat_prevent_cse=false"
-  # 9B full SFT unrolled with the barriers, saving all seven projections: remat then recomputes
-  # only elementwise work, and each layer's saved outputs can be freed as its gradients appear
-  # (scanned layers allocate every layer's gradients up front).
-  [9b_full_unrolled_save_projections]="$F9B $B8 $UNROLLED --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-  # Unrolled 9B full SFT, each layer's recomputation held until its output's cotangent exists
-  # (model.remat_after_cotangent), with the default policy or saving all seven projections.
-  [9b_full_unrolled_after_cotangent]="$F9B $B8 $UNROLLED --config.model.remat_after_cotangent=true"
-  [9b_full_unrolled_after_cotangent_save_projections]="$F9B $B8 $UNROLLED --config.model.remat_after_cotangent=true --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+  # Unrolled 9B full SFT, each layer's backward pass held in its place (model.remat_after_cotangent),
+  # with the policy 9B full SFT had scanned (up_proj recomputed) or saving all seven projections
+  # (since 2026-12-01 the 9B full default, which 9b_full runs).
+  [9b_full_unrolled_after_cotangent]="$F9S $B8 $UNROLLED --config.model.remat_after_cotangent=true"
+  [9b_full_unrolled_after_cotangent_save_projections]="$F9S $B8 $UNROLLED --config.model.remat_after_cotangent=true --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
   # Unrolled 9B full SFT without the barriers, XLA's scheduler told to aim at less memory
   # (xla_gpu_memory_limit_slop_factor: percent of the device's memory left after the arguments).
   # The 9B full-SFT default (unrolled, remat_after_cotangent, all seven projections saved) keeping
   # attention's output and log-sum-exp too.
   [9b_full_save_attention_after_cotangent]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,attention"
-  [9b_full_unrolled_nocse_slop30]="$F9B $B8 $UNROLLED --config.model.remat_prevent_cse=false"
+  [9b_full_unrolled_nocse_slop30]="$F9S $B8 $UNROLLED --config.model.remat_prevent_cse=false"
   [9b_full]="$F9B $B8 --breakdown"
   # Attention: the einsum path instead of the flash kernels ('auto' takes them on GPU).
   [2b_full_einsum]="$G2B $B8 --config.model.attention=einsum --breakdown"
   [9b_lora_einsum]="$L9B $B8 --config.model.attention=einsum"
-  [9b_full_einsum]="$F9B $B8 --config.model.attention=einsum --breakdown"
+  [9b_full_einsum]="$F9S $B8 --config.model.attention=einsum --breakdown"
   # Attention's output (and the flash kernels' log-sum-exp) kept for the backward pass.
   [9b_lora_save_attention]="$L9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,attention"
   [2b_full_save_projections]="$G2B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
   [2b_full_save_attention]="$G2B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,attention"
-  [9b_full_save_attention]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,gate_proj,attention"
+  [9b_full_save_attention]="$F9S $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,gate_proj,attention"
   [2b_full_fsdp2]="$G2B $B16"
   [2b_full_fsdp2_overlap]="$G2B $B16"
   [9b_lora_fsdp2]="$L9B $B16"
   [9b_lora_fsdp2_overlap]="$L9B $B16"
-  [9b_full_fsdp2_overlap]="$F9B $B16"
+  [9b_full_fsdp2_overlap]="$F9S $B16"
   [2b_full_fsdp2_nccl_simple]="$G2B $B16"
   [2b_full_data2]="$G2B --config.train.batch_size=16 --config.mesh.data=2 --config.mesh.fsdp=1"
   [2b_full_data2_overlap]="$G2B --config.train.batch_size=16 --config.mesh.data=2 --config.mesh.fsdp=1"
@@ -84,10 +85,10 @@ declare -A V=(
   [2b_full_bf16_states]="$G2B $B8 --config.optim.state_dtype=bfloat16 --breakdown"
   [2b_full_int8_states]="$G2B $B8 --config.optim.state_dtype=int8 --breakdown"
   # The 8-bit update in XLA instead of the Pallas kernel (optim.update_kernel).
-  [9b_full_xla_update]="$F9B $B8 --config.optim.update_kernel=xla --breakdown"
+  [9b_full_xla_update]="$F9S $B8 --config.optim.update_kernel=xla --breakdown"
   # 9B full SFT saving one of the two widest projections too (the default recomputes both).
-  [9b_full_save_gate]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,gate_proj --breakdown"
-  [9b_full_save_up]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,up_proj --breakdown"
+  [9b_full_save_gate]="$F9S $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,gate_proj --breakdown"
+  [9b_full_save_up]="$F9S $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,up_proj --breakdown"
   # LoRA saving each projection's output (base + adapter) by name, not every dot ('dots' keeps
   # the base matmul's and the adapter's outputs apart: twice the memory).
   [9b_lora_save_projections]="$L9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --breakdown"
@@ -99,12 +100,12 @@ declare -A V=(
   # kept where the config recomputes them.
   [2b_full_recompute_logits]="$G2B $B8 --config.model.save_loss_logits=false"
   [9b_lora_recompute_logits]="$L9B $B8 --config.model.save_loss_logits=false"
-  [9b_full_save_logits]="$F9B $B8 --config.model.save_loss_logits=true"
-  [9b_full_recompute_logits]="$F9B $B8 --config.model.save_loss_logits=false"
+  [9b_full_save_logits]="$F9S $B8 --config.model.save_loss_logits=true"
+  [9b_full_recompute_logits]="$F9S $B8 --config.model.save_loss_logits=false"
   # launch/gpu_env.sh's collective-overlap flags on one GPU (where there is nothing to overlap).
   [2b_full_overlap]="$G2B $B8"
   [9b_lora_overlap]="$L9B $B8"
-  [9b_full_overlap]="$F9B $B8"
+  [9b_full_overlap]="$F9S $B8"
   # cuBLAS's legacy gemm instead of cuBLASLt, alone and with XLA's dynamic-slice fusion (which
   # only takes legacy gemms): a scanned layer's weight slice read in place instead of copied.
   [2b_full_legacy_gemm]="$G2B $B8"

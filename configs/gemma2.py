@@ -26,13 +26,12 @@ def get_config(arg=None):
   # is the fastest where it fits (2B full, int8 states: 21 GiB). LoRA saves each projection's
   # output by name instead: 'dots' would keep the base matmul's and the adapter's outputs apart,
   # twice the memory (9B LoRA: 49.2 GiB with 'dots', 35.1 GiB and 2% faster this way). 9B full
-  # with 'dots' needs 68.6 GiB; saving every projection but up_proj peaks at 63.8 GiB and runs 4%
-  # faster than recomputing gate_proj too (59.4 GiB), which in turn runs 6% faster than 'full'
-  # (54.8 GiB). 2B full SFT keeps them by name, and attention's output (with the flash kernels,
-  # its log-sum-exp too, so the backward pass does not run the forward kernel again): +1.7% for
-  # 0.4 GiB. 9B LoRA gained 0.8% for 1.3 GiB that way, 9B full would need 64.9 GiB: neither does.
+  # SFT with scanned layers could not keep them all within 64 GiB ('dots': 68.6 GiB); unrolled,
+  # with each layer's backward pass held in its place (below), it keeps all seven at 54.8 GiB.
+  # 2B full SFT keeps attention's output too (with the flash kernels, its log-sum-exp, so the
+  # backward pass does not run the forward kernel again): +1.7% for 0.4 GiB. 9B LoRA gained 0.8%
+  # for 1.3 GiB that way (not kept).
   projections = 'save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
-  # 9B full SFT unrolls its layers and saves all seven too (below).
   c.model.remat = {('2b', 'full'): projections + ',attention', ('2b', 'lora'): projections,
                    ('9b', 'lora'): projections, ('9b', 'full'): projections,
                    }.get((args.size, args.method), 'full')
@@ -49,8 +48,9 @@ def get_config(arg=None):
   # the policy would recompute. On an H200 (batch 8 x 512) 5-9% faster than scanned at 29.1
   # instead of 26.3 GiB, for ~50 s of compilation instead of ~10 (BENCHMARKS.md). 9B full SFT
   # unrolls its 42 layers too, each layer's backward pass held in its place
-  # (model.remat_after_cotangent): saving all seven projections, 8,626 tokens/s at 54.8 GiB on an
-  # H200 against 7,673 at 63.6 GiB scanned, for ~70 s of compilation (BENCHMARKS.md).
+  # (model.remat_after_cotangent, docs/remat.md): 8,514-8,626 tokens/s at 54.8 GiB on an H200
+  # against 7,673-7,714 at 63.6 GiB scanned, for 70-86 s of compilation instead of 6-8
+  # (BENCHMARKS.md).
   unrolled = args.method == 'full' and args.size in ('2b', '9b')
   c.model.scan_layers = not unrolled
   c.model.remat_prevent_cse = not unrolled

@@ -15,7 +15,7 @@ Fields (the contract the README documents):
   model.remat         activation rematerialisation, 'none' | 'full' | 'dots' | 'save:PROJ,...'
   model.scan_layers   one nn.scan over the layers (stacked params; compile time independent of depth)
   model.remat_prevent_cse  unrolled layers: keep XLA from merging remat's recomputation (CSE)
-  model.remat_after_cotangent  unrolled layers: recompute a layer only once its output's cotangent exists
+  model.remat_after_cotangent  unrolled layers: each layer's backward pass held in its place (docs/remat.md)
   model.save_loss_logits  keep the loss's logits for the backward pass instead of recomputing them
   model.attention     training attention, 'einsum' | 'flash' (Pallas kernels) | 'auto' (GPU: flash)
   tuning_method       'full' | 'lora'
@@ -54,8 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
   # with the forward pass. False lets XLA keep what it finds cheaper to keep (more memory, less
   # work; Gemma 2 2B full SFT: configs/gemma2.py). Scanned layers ignore it (they need none).
   c.model.remat_prevent_cse = True
-  # Unrolled layers with remat: each layer's recomputation waits for its output's cotangent (an
-  # optimization barrier in place of jax.checkpoint's), so it runs where the backward pass needs it.
+  # Unrolled layers with remat: each layer's backward pass held in its place by two optimization
+  # barriers (in place of jax.checkpoint's): its recomputation waits for its output's cotangent,
+  # and its weight gradients are done before the layer below starts (docs/remat.md).
   c.model.remat_after_cotangent = False
   # Dtype of the vocab-chunk logits matmul in the loss: bfloat16 keeps its backward in bf16
   # (faster; BENCHMARKS.md); softmax statistics are fp32 either way.

@@ -324,7 +324,8 @@ def _stack(params, num_layers):
 @pytest.mark.parametrize('name', ['gemma3_kv3_scaled'])  # qk-norm, 2 RoPE bases, scaling
 def test_scanned_layers_match_unrolled(tmp_path, name):
   """scan_layers: the checkpoint loads stacked (bitwise the unrolled load, stacked); logits,
-  gradients, LoRA adapters and KV-cached decoding match the unrolled model."""
+  gradients (also of unrolled layers with remat_after_cotangent), LoRA adapters and KV-cached
+  decoding match the unrolled model."""
   config = _TINY[name]
   write_hf_checkpoint(tmp_path, config.to_hf_dict())
   unrolled = model_lib.Transformer(config)
@@ -348,6 +349,11 @@ def test_scanned_layers_match_unrolled(tmp_path, name):
   g_ref = _stack(jax.jit(jax.grad(loss(unrolled)))(p_unrolled), config.num_layers)
   g_got = jax.jit(jax.grad(loss(scanned)))(p_scanned)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), g_got, g_ref)
+  # Unrolled with each layer's backward pass held in its place (the 9B full-SFT setting).
+  held = model_lib.Transformer(config, remat='save:q_proj,gate_proj', remat_after_cotangent=True)
+  np.testing.assert_allclose(logits(held)(p_unrolled), ref, atol=2e-5)
+  g_held = _stack(jax.jit(jax.grad(loss(held)))(p_unrolled), config.num_layers)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), g_got, g_held)
 
   # LoRA on a subset of projections: the same adapters, stacked, give the same logits, and
   # merging folds each layer's adapter into its own slice of the stacked kernel.

@@ -286,7 +286,7 @@ def _recompute_after_cotangent(layer: nn.Module, deterministic: bool, *args):
   The forward pass keeps the layer's vjp (its residuals: what the remat policy saves). The
   backward pass puts those residuals and the incoming cotangent through one optimization
   barrier, so the recomputation cannot start before the backward pass reaches the layer nor
-  merge with the forward pass; and the layer's trained parameters' cotangents and its input's
+  merge with the forward pass; and the layer's parameters' cotangents and its input's
   cotangent through another, so the layer's weight gradients are computed before the layer
   below starts (XLA's scheduler would otherwise put them off and keep what they read alive).
   Under LoRA the frozen kernels' cotangents go through the barrier unused, and XLA drops them.
@@ -299,12 +299,12 @@ def _recompute_after_cotangent(layer: nn.Module, deterministic: bool, *args):
 
   def backward(vjp_fn, cotangent):
     vjp_fn, cotangent = jax.lax.optimization_barrier((vjp_fn, cotangent))
-    return _hold_trained(vjp_fn(cotangent))
+    return _hold_cotangents(vjp_fn(cotangent))
 
   return nn.custom_vjp(run, forward_fn=forward, backward_fn=backward)(layer, *args)
 
 
-def _hold_trained(cotangents: Any) -> Any:
+def _hold_cotangents(cotangents: Any) -> Any:
   """(param cotangents, *input cotangents) through one optimization barrier: every parameter's
   and every float input's (integer inputs' float0 cotangents pass as they are)."""
   leaves, treedef = jax.tree.flatten(cotangents)
@@ -334,10 +334,10 @@ class Transformer(nn.Module):
   # would recompute (more memory, less work). Scanned layers never need them: the loop keeps the
   # passes apart.
   remat_prevent_cse: bool = True
-  # Unrolled layers with remat: each layer's recomputation waits for the cotangent of its output
-  # (an optimization barrier over the layer's saved values and that cotangent), so XLA can
-  # neither merge it with the forward pass nor schedule it before the backward pass reaches the
-  # layer. Replaces jax.checkpoint's own barriers, which tie only the saved values together.
+  # Unrolled layers with remat, during training: each layer's backward pass held in its place
+  # (_recompute_after_cotangent): its recomputation waits for its output's cotangent, and its
+  # weight gradients are done before the layer below starts. Replaces jax.checkpoint's own
+  # barriers, which tie only the saved values together (remat_prevent_cse is then ignored).
   remat_after_cotangent: bool = False
   # Attention's implementation during training (no KV cache): 'einsum' (attention.attend, the
   # reference, any backend), 'flash' (flash_attention's Pallas kernels: GPU, or the Pallas
@@ -433,7 +433,7 @@ class Transformer(nn.Module):
         layer_cache = cache[f'layer_{i}'] if cache is not None else None
         layer_shared = shared[f'layer_{i}'] if shared is not None else None
         args = (x, (None, layer_cache, layer_shared), positions, segment_ids)
-        if self.remat != 'none' and self.remat_after_cotangent:
+        if self.remat != 'none' and self.remat_after_cotangent and cache is None:
           x, c = _recompute_after_cotangent(layer, deterministic, *args)
         else:
           x, c = layer(*args, deterministic)
