@@ -4,6 +4,7 @@ subprocesses, and bitwise comparison."""
 
 import atexit
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -90,12 +91,25 @@ def gemma3_270m_transformers(gemma3_270m_gguf):
 
 
 @pytest.fixture(scope='session')
-def export_runs(tmp_path_factory):
+def export_runs(tmp_path_factory, worker_id):
   """Tiny runs trained, exported in every format and decoded through the CLIs, once for
-  test_export_hf.py, test_export_peft.py and test_export_gguf.py (tests/export_helpers.py)."""
+  test_export_hf.py, test_export_peft.py and test_export_gguf.py (tests/export_helpers.py).
+
+  Under pytest-xdist the workers share one build (~2 minutes): the first to need it builds it
+  under their common temporary root while holding a lock, the others wait and read its record.
+  """
   # Imported here, not at the top: it imports torch, which most test files do without.
+  import filelock  # pylint: disable=g-import-not-at-top
   from tests import export_helpers  # pylint: disable=g-import-not-at-top
-  return export_helpers.build_runs(str(tmp_path_factory.mktemp('export')))
+  if worker_id == 'master':
+    return export_helpers.build_runs(str(tmp_path_factory.mktemp('export')))
+  shared = tmp_path_factory.getbasetemp().parent
+  record = shared / 'export_runs.json'
+  with filelock.FileLock(str(shared / 'export_runs.lock')):
+    if not record.is_file():
+      runs = export_helpers.build_runs(str(shared / 'export'))
+      record.write_text(json.dumps({k: runs[k] for k in ('root', 'out', 'results')}))
+  return dict(json.loads(record.read_text()), ours={})
 
 
 @pytest.fixture(scope='session')

@@ -54,7 +54,8 @@ def _setup(config, *, with_lora: bool, mesh) -> models.Setup:
 
 def _train_steps(*, method: str, mesh: dict[str, int], state_dtype: str = 'float32',
                  grad_accum: int = 1, steps: int = STEPS, scan: bool = False,
-                 base_sharding: str = 'fsdp', save_loss_logits: bool = False
+                 base_sharding: str = 'fsdp', save_loss_logits: bool = False,
+                 remat: str = 'none', remat_after_cotangent: bool = False
                  ) -> dict[str, np.ndarray]:
   """`steps` updates of train.build's jitted step on the tiny config's first real batches.
 
@@ -66,7 +67,8 @@ def _train_steps(*, method: str, mesh: dict[str, int], state_dtype: str = 'float
       'train.batch_size': BATCH, 'optim.state_dtype': state_dtype, 'optim.grad_accum': grad_accum,
       'mesh.data': mesh.get('data', 1), 'mesh.fsdp': mesh.get('fsdp', 1),
       'mesh.tensor': mesh.get('tensor', 1), 'model.scan_layers': scan,
-      'lora.base_sharding': base_sharding, 'model.save_loss_logits': save_loss_logits})
+      'lora.base_sharding': base_sharding, 'model.save_loss_logits': save_loss_logits,
+      'model.remat': remat, 'model.remat_after_cotangent': remat_after_cotangent})
   n = config.mesh.data * config.mesh.fsdp * config.mesh.tensor
   device_mesh = sharding.make_mesh(**config.mesh, devices=jax.devices()[:n])
   setup = _setup(config, with_lora=method == 'lora', mesh=device_mesh)
@@ -109,6 +111,9 @@ _MESH_RUNS = {
     # The loss's logits kept for the backward pass: on a mesh of several devices in the loop's
     # buffer (one device unrolls the chunks: test_grad_accum_matches_one_big_batch).
     'full_f8_saved_logits': dict(method='full', mesh=dict(fsdp=8), save_loss_logits=True),
+    # Each unrolled layer's backward pass held in its place (the 9B full-SFT setting).
+    'full_f8_after_cotangent': dict(method='full', mesh=dict(fsdp=8), remat='save:q_proj,gate_proj',
+                                    remat_after_cotangent=True),
 }
 
 _MESH_SCRIPT = """
