@@ -53,11 +53,11 @@ declare -A V=(
   # (since 2026-12-01 the 9B full default, which 9b_full runs).
   [9b_full_unrolled_after_cotangent]="$F9S $B8 $UNROLLED --config.model.remat_after_cotangent=true"
   [9b_full_unrolled_after_cotangent_save_projections]="$F9S $B8 $UNROLLED --config.model.remat_after_cotangent=true --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-  # Unrolled 9B full SFT without the barriers, XLA's scheduler told to aim at less memory
-  # (xla_gpu_memory_limit_slop_factor: percent of the device's memory left after the arguments).
   # The 9B full-SFT default (unrolled, remat_after_cotangent, all seven projections saved) keeping
   # attention's output and log-sum-exp too.
   [9b_full_save_attention_after_cotangent]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,attention"
+  # Unrolled 9B full SFT without the barriers, XLA's scheduler told to aim at less memory
+  # (xla_gpu_memory_limit_slop_factor: percent of the device's memory left after the arguments).
   [9b_full_unrolled_nocse_slop30]="$F9S $B8 $UNROLLED --config.model.remat_prevent_cse=false"
   [9b_full]="$F9B $B8 --breakdown"
   # Attention: the einsum path instead of the flash kernels ('auto' takes them on GPU).
@@ -86,7 +86,7 @@ declare -A V=(
   [2b_full_int8_states]="$G2B $B8 --config.optim.state_dtype=int8 --breakdown"
   # The 8-bit update in XLA instead of the Pallas kernel (optim.update_kernel).
   [9b_full_xla_update]="$F9S $B8 --config.optim.update_kernel=xla --breakdown"
-  # 9B full SFT saving one of the two widest projections too (the default recomputes both).
+  # 9B full SFT saving one of the two widest projections too (the scanned default of the day recomputed both).
   [9b_full_save_gate]="$F9S $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,gate_proj --breakdown"
   [9b_full_save_up]="$F9S $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,up_proj --breakdown"
   # LoRA saving each projection's output (base + adapter) by name, not every dot ('dots' keeps

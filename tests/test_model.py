@@ -242,7 +242,7 @@ def test_remat_prevent_cse_only_sets_the_barriers():
 
 def test_remat_after_cotangent_holds_each_layer_and_keeps_gradients():
   """model.remat_after_cotangent wraps each unrolled layer's backward pass in two optimization
-  barriers (entry: residuals + cotangent; exit: trained cotangents + input cotangent) and changes
+  barriers (entry: residuals + cotangent; exit: parameter cotangents + input cotangent) and changes
   no gradient; scanned layers and remat='none' are left alone."""
   config = architecture.VARIANTS['tiny_gemma2']
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 9)))
