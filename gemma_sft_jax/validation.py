@@ -23,7 +23,7 @@ from gemma_sft_jax.evaluation import gsm8k
 from gemma_sft_jax.model import architecture
 from gemma_sft_jax.model import flash_attention
 from gemma_sft_jax.model import sharding
-from gemma_sft_jax.model import transformer as model_lib
+from gemma_sft_jax.model import remat as remat_lib
 from gemma_sft_jax.training import metrics
 from gemma_sft_jax.training import optimizer
 from gemma_sft_jax.training import update
@@ -144,7 +144,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'eval.one_shot_example: {e}') from None
   try:
     if c.model.remat != 'none':
-      model_lib.remat_policy(c.model.remat)
+      remat_lib.remat_policy(c.model.remat)
   except ValueError as e:
     raise ValueError(str(e)) from None
   m = c.model

@@ -12,6 +12,7 @@ import pytest
 from gemma_sft_jax.model import architecture
 from gemma_sft_jax.model import attention
 from gemma_sft_jax.model import flash_attention as fa
+from gemma_sft_jax.model import remat as remat_lib
 from gemma_sft_jax.model import transformer as model_lib
 from tests.conftest import run_on_cpu_devices
 
@@ -170,7 +171,7 @@ def test_remat_keeps_the_flash_forward_by_name():
   model's gradients are the einsum model's without remat."""
   c, _ = _tiny_model('flash')
   tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, c.vocab_size)
-  projections = 'save:' + ','.join(model_lib.PROJECTIONS)
+  projections = 'save:' + ','.join(remat_lib.PROJECTIONS)
   grads, kernels = [], []
   for impl, remat in (('einsum', 'none'), ('flash', projections),
                       ('flash', projections + ',attention')):
@@ -185,7 +186,7 @@ def test_remat_keeps_the_flash_forward_by_name():
       scale = max(1e-3, float(jnp.max(jnp.abs(x))))
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-4 * scale)
   with pytest.raises(ValueError, match='attention'):
-    model_lib.remat_policy('save:attn')
+    remat_lib.remat_policy('save:attn')
 
 
 def test_dispatch():

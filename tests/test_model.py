@@ -11,6 +11,7 @@ import torch
 from gemma_sft_jax.model import architecture
 from gemma_sft_jax.model import kv_cache
 from gemma_sft_jax.model import lora
+from gemma_sft_jax.model import remat as remat_lib
 from gemma_sft_jax.model import transformer as model_lib
 from gemma_sft_jax.weights import loading as checkpoints
 from tests.conftest import write_hf_checkpoint
@@ -270,7 +271,7 @@ def test_remat_after_cotangent_under_lora_computes_no_frozen_gradient():
   config = dataclasses.replace(architecture.VARIANTS['tiny_gemma2'], embed_dim=64, hidden_dim=256)
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 64)))
   spec = lora.LoraSpec(rank=4, alpha=8.0, targets=r'.*_proj/kernel')
-  names = 'save:' + ','.join(model_lib.PROJECTIONS)
+  names = 'save:' + ','.join(remat_lib.PROJECTIONS)
 
   def step(**kw):
     m = model_lib.Transformer(config, lora=spec, remat=names, **kw)
@@ -295,7 +296,7 @@ def test_lora_saves_each_projection_output_once_by_name():
   config = dataclasses.replace(architecture.VARIANTS['tiny_gemma2'], embed_dim=64, hidden_dim=256)
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 64)))
   spec = lora.LoraSpec(rank=4, alpha=8.0, targets=r'.*_proj/kernel')
-  names = 'save:' + ','.join(model_lib.PROJECTIONS)
+  names = 'save:' + ','.join(remat_lib.PROJECTIONS)
 
   def step(remat):
     m = model_lib.Transformer(config, lora=spec, scan_layers=True, remat=remat)

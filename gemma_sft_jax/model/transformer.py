@@ -48,6 +48,7 @@ from gemma_sft_jax.model import attention
 from gemma_sft_jax.model import flash_attention
 from gemma_sft_jax.model import kv_cache
 from gemma_sft_jax.model import lora
+from gemma_sft_jax.model import remat as remat_lib
 from gemma_sft_jax.model.lora import LoraSpec
 
 Array = jax.Array
@@ -179,7 +180,7 @@ class Attention(nn.Module):
     else:
       out = attention.attend(c, q, key, val, positions, segment_ids, k_pos, k_seg, local,
                              shared, dtype=self.dtype)
-      out = checkpoint_name(out, ATTENTION)
+      out = checkpoint_name(out, remat_lib.ATTENTION)
     out = proj('o_proj', 'BTNH,NHD->BTD', (n, h, d), in_dims=2)(out, deterministic)
     return out, new_cache
 
@@ -244,76 +245,6 @@ class Block(nn.Module):
     return x, new_cache
 
 
-_REMAT_POLICIES = {
-    'full': None,  # Recompute everything in the backward pass.
-    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-PROJECTIONS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
-ATTENTION = 'attention'  # In 'save:...': attention's output.
-
-
-def remat_policy(remat: str) -> Any:
-  """The jax.checkpoint policy of `model.remat` ('none' is no remat at all: not asked here).
-
-  'full' saves only each layer's input, 'dots' every projection's output, and
-  'save:NAME,...' the outputs of the named projections (PROJECTIONS), e.g. all but the two
-  widest, 'save:q_proj,k_proj,v_proj,o_proj,down_proj', to trade compute for memory in between.
-  Under LoRA a projection is two matmuls (base and adapter) whose outputs 'dots' keeps apart;
-  naming all seven projections keeps their sum once, half the memory. The name 'attention'
-  keeps attention's output too; with the flash kernels, also each query's log-sum-exp, so the
-  backward pass does not run the forward kernel again (the einsum path recomputes its scores
-  either way).
-  """
-  if remat.startswith('save:'):
-    names = tuple(n for n in remat[len('save:'):].split(',') if n)
-    unknown = sorted(set(names) - set(PROJECTIONS) - {ATTENTION})
-    if not names or unknown:
-      raise ValueError(f'model.remat: {remat!r} names {unknown or "nothing"}; the projections are '
-                       f'{", ".join(PROJECTIONS)}, and {ATTENTION!r} is attention\'s output')
-    policy = jax.checkpoint_policies.save_only_these_names(*names)
-    if ATTENTION in names:
-      policy = jax.checkpoint_policies.save_from_both_policies(policy,
-                                                               flash_attention.keeps_forward)
-    return policy
-  if remat not in _REMAT_POLICIES:
-    raise ValueError(f"model.remat: {remat!r} is not one of 'none', 'full', 'dots', 'save:...'")
-  return _REMAT_POLICIES[remat]
-
-
-def _recompute_after_cotangent(layer: nn.Module, deterministic: bool, *args):
-  """`layer(*args, deterministic)` whose backward pass runs as one block, in its place.
-
-  The forward pass keeps the layer's vjp (its residuals: what the remat policy saves). The
-  backward pass puts those residuals and the incoming cotangent through one optimization
-  barrier, so the recomputation cannot start before the backward pass reaches the layer nor
-  merge with the forward pass; and the layer's parameters' cotangents and its input's
-  cotangent through another, so the layer's weight gradients are computed before the layer
-  below starts (XLA's scheduler would otherwise put them off and keep what they read alive).
-  Under LoRA the frozen kernels' cotangents go through the barrier unused, and XLA drops them.
-  """
-  def run(mdl, *a):
-    return mdl(*a, deterministic)
-
-  def forward(mdl, *a):
-    return nn.vjp(run, mdl, *a)
-
-  def backward(vjp_fn, cotangent):
-    vjp_fn, cotangent = jax.lax.optimization_barrier((vjp_fn, cotangent))
-    return _hold_cotangents(vjp_fn(cotangent))
-
-  return nn.custom_vjp(run, forward_fn=forward, backward_fn=backward)(layer, *args)
-
-
-def _hold_cotangents(cotangents: Any) -> Any:
-  """(param cotangents, *input cotangents) through one optimization barrier: every parameter's
-  and every float input's (integer inputs' float0 cotangents pass as they are)."""
-  leaves, treedef = jax.tree.flatten(cotangents)
-  held = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  for i, x in zip(held, jax.lax.optimization_barrier([leaves[i] for i in held])):
-    leaves[i] = x
-  return jax.tree.unflatten(treedef, leaves)
-
-
 class Transformer(nn.Module):
   """The Gemma decoder. `__call__` returns (logits or final hidden states, new cache)."""
 
@@ -321,7 +252,7 @@ class Transformer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   lora: LoraSpec = LoraSpec()
-  remat: str = 'none'  # 'none' | 'full' | 'dots' | 'save:PROJ,...' (remat_policy)
+  remat: str = 'none'  # 'none' | 'full' | 'dots' | 'save:PROJ,...' (remat.remat_policy)
   # Optional sharding for [B, T, D] activations, applied at block boundaries so XLA keeps the
   # batch split the way the mesh says (see sharding.activation_sharding).
   activation_sharding: Any = None
@@ -335,7 +266,7 @@ class Transformer(nn.Module):
   # passes apart.
   remat_prevent_cse: bool = True
   # Unrolled layers with remat, during training: each layer's backward pass held in its place
-  # (_recompute_after_cotangent): its recomputation waits for its output's cotangent, and its
+  # (remat.recompute_after_cotangent): its recomputation waits for its output's cotangent, and its
   # weight gradients are done before the layer below starts. Replaces jax.checkpoint's own
   # barriers, which tie only the saved values together (remat_prevent_cse is then ignored).
   remat_after_cotangent: bool = False
@@ -358,7 +289,7 @@ class Transformer(nn.Module):
                              name='embedder')
     block = Block
     if self.remat != 'none':
-      block = nn.remat(Block, policy=remat_policy(self.remat), static_argnums=(5,),
+      block = nn.remat(Block, policy=remat_lib.remat_policy(self.remat), static_argnums=(5,),
                        prevent_cse=(self.remat_prevent_cse and not self.scan_layers
                                     and not self.remat_after_cotangent))
 
@@ -434,7 +365,7 @@ class Transformer(nn.Module):
         layer_shared = shared[f'layer_{i}'] if shared is not None else None
         args = (x, (None, layer_cache, layer_shared), positions, segment_ids)
         if self.remat != 'none' and self.remat_after_cotangent and cache is None:
-          x, c = _recompute_after_cotangent(layer, deterministic, *args)
+          x, c = remat_lib.recompute_after_cotangent(layer, deterministic, *args)
         else:
           x, c = layer(*args, deterministic)
         if cache is not None:
