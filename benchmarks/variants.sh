@@ -53,9 +53,11 @@ declare -A V=(
   # (since 2026-12-01 the 9B full default, which 9b_full runs).
   [9b_full_unrolled_after_cotangent]="$F9S $B8 $UNROLLED --config.model.remat_after_cotangent=true"
   [9b_full_unrolled_after_cotangent_save_projections]="$F9S $B8 $UNROLLED --config.model.remat_after_cotangent=true --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-  # The 9B full-SFT default (unrolled, remat_after_cotangent, all seven projections saved) keeping
-  # attention's output and log-sum-exp too.
+  # Unrolled 9B full SFT with remat_after_cotangent and all seven projections saved, keeping
+  # attention's output and log-sum-exp too (the default since the side-by-side call final15) or
+  # not (the default before it).
   [9b_full_save_attention_after_cotangent]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,attention"
+  [9b_full_save_projections_after_cotangent]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
   # Unrolled 9B full SFT without the barriers, XLA's scheduler told to aim at less memory
   # (xla_gpu_memory_limit_slop_factor: percent of the device's memory left after the arguments).
   [9b_full_unrolled_nocse_slop30]="$F9S $B8 $UNROLLED --config.model.remat_prevent_cse=false"

@@ -20,7 +20,7 @@ def get_config(arg=None):
   c.model.variant = f'gemma2_{args.size}'
   c.model.dtype = 'bfloat16'
   # bf16 params with stochastically rounded updates, int8 Adam states: full SFT of 9B (batch
-  # 8 x 512, remat 'full') peaks at 54.8 GiB on one GPU (BENCHMARKS.md).
+  # 8 x 512) fits one GPU with room (BENCHMARKS.md).
   c.model.param_dtype = 'bfloat16'
   # Measured on an H200 (BENCHMARKS.md): saving every projection's output ('dots', or by name)
   # is the fastest where it fits (2B full, int8 states: 21 GiB). LoRA saves each projection's
@@ -28,12 +28,13 @@ def get_config(arg=None):
   # twice the memory (9B LoRA: 49.2 GiB with 'dots', 35.1 GiB and 2% faster this way). 9B full
   # SFT with scanned layers could not keep them all within 64 GiB ('dots': 68.6 GiB); unrolled,
   # with each layer's backward pass held in its place (below), it keeps all seven at 54.8 GiB.
-  # 2B full SFT keeps attention's output too (with the flash kernels, its log-sum-exp, so the
-  # backward pass does not run the forward kernel again): +1.7% for 0.4 GiB. 9B LoRA gained 0.8%
-  # for 1.3 GiB that way (not kept).
+  # Full SFT keeps attention's output too (with the flash kernels, its log-sum-exp, so the
+  # backward pass does not run the forward kernel again): 2B +1.7% for 0.4 GiB, 9B +1.1% and
+  # +2.0% in two calls for 1.1 GiB (55.9 GiB). 9B LoRA gained 0.8% for 1.3 GiB that way (not
+  # kept).
   projections = 'save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
   c.model.remat = {('2b', 'full'): projections + ',attention', ('2b', 'lora'): projections,
-                   ('9b', 'lora'): projections, ('9b', 'full'): projections,
+                   ('9b', 'lora'): projections, ('9b', 'full'): projections + ',attention',
                    }.get((args.size, args.method), 'full')
   # Logits of the chunked loss in bf16 (statistics in fp32): the head's backward matmuls take a
   # bf16 cotangent and run at bf16 speed (2B full SFT: 17,108 vs 15,448 tokens/s on an H200).
@@ -49,8 +50,8 @@ def get_config(arg=None):
   # instead of 26.3 GiB, for ~50 s of compilation instead of ~10 (BENCHMARKS.md). 9B full SFT
   # unrolls its 42 layers too, each layer's backward pass held in its place
   # (model.remat_after_cotangent, docs/remat.md): 8,514-8,626 tokens/s at 54.8 GiB on an H200
-  # against 7,673-7,714 at 63.6 GiB scanned, for 70-86 s of compilation instead of 6-8
-  # (BENCHMARKS.md).
+  # (without attention's output kept) against 7,673-7,714 at 63.6 GiB scanned, for 70-110 s of
+  # compilation instead of 6-8 (BENCHMARKS.md).
   unrolled = args.method == 'full' and args.size in ('2b', '9b')
   c.model.scan_layers = not unrolled
   c.model.remat_prevent_cse = not unrolled
