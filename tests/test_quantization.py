@@ -59,8 +59,8 @@ def test_nearest_code_index_equals_searchsorted_on_midpoints(signed, lookup):
   x = np.clip(np.concatenate([np.asarray(p, np.float32) for p in parts]), lo, 1.0)
   if signed:
     x = np.concatenate([x, -x])
-  rows = [jnp.asarray(row) for row in quant.lookup_rows(signed=signed)]
-  find = {'selected': None, 'looked_up': lambda k, i: rows[k][i]}[lookup]
+  tables = jnp.asarray(quant.code_segments(signed=signed).tables)
+  find = {'selected': None, 'looked_up': lambda k, s: tables[k][s]}[lookup]
   got = np.asarray(jax.jit(lambda v: quant.nearest_code_index(v, signed=signed, lookup=find))(x))
   want = np.searchsorted(mids, x, side='left')
   a = np.abs(x)

@@ -96,31 +96,20 @@ def _pack(codes: jax.Array, shift: jax.Array) -> jax.Array:
   return jnp.sum(jax.lax.shift_left(codes & 0xFF, shift), axis=2)
 
 
-SEGMENT_TABLE = 2048  # both maps' lookup rows, flat, padded to a power of two (Triton blocks)
-
-
-def _row_starts_in_table() -> dict[tuple[bool, int], int]:
-  """Where row k of `quantization.lookup_rows(signed)` starts in `_segment_tables`."""
-  starts, at = {}, 0
-  for signed in (True, False):
-    for k, row in enumerate(quant.lookup_rows(signed=signed)):
-      starts[signed, k] = at
-      at += row.size
-  assert at <= SEGMENT_TABLE
-  return starts
+SEGMENT_TABLE = 128  # both maps' segment tables, flat, padded to a power of two (Triton blocks)
 
 
 def _segment_tables() -> jax.Array:
-  """Both maps' `quantization.lookup_rows`, flat: [signed, unsigned] x their five rows."""
-  flat = np.concatenate([row for signed in (True, False)
-                         for row in quant.lookup_rows(signed=signed)])
-  return jnp.pad(jnp.asarray(flat, jnp.float32), (0, SEGMENT_TABLE - flat.size))
+  """Both maps' `quantization.code_segments` tables, flat: [signed, unsigned] x [3, 16]."""
+  flat = np.concatenate([quant.code_segments(signed=s).tables.reshape(-1) for s in (True, False)])
+  return jnp.pad(jnp.asarray(flat), (0, SEGMENT_TABLE - flat.size))
 
 
 def _nearest_code(normed, segments_ref, signed):
-  starts = _row_starts_in_table()
+  rows, row = quant.code_segments(signed=signed).tables.shape  # _segment_tables' layout
+  base = 0 if signed else rows * row
   return quant.nearest_code_index(
-      normed, signed=signed, lookup=lambda k, i: segments_ref[i + starts[signed, k]])
+      normed, signed=signed, lookup=lambda k, s: segments_ref[s + (base + row * k)])
 
 
 def _kernel(floats_ref, seed_ref, signed_map_ref, unsigned_map_ref, segments_ref, p_ref, g_ref,

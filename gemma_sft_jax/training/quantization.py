@@ -74,15 +74,9 @@ class CodeSegments(NamedTuple):
   between segments, so every value of a segment has its nearest code there: the code at index
   first(s) + min(floor(value · slope[s] + offset[s]), last[s]), where first(s) is the segment's
   first index (`segment_first_index`).
-
-  `octaves` finds s from a value's float32 exponent byte e (the value in [2^(e-127), 2^(e-126)),
-  e = 0 for zero and subnormals): every threshold lies more than an octave from the next, so
-  s = below[e] + (value > threshold[e]), where below[e] counts the thresholds under the octave
-  and threshold[e] is the one inside it (+inf where none is).
   """
   thresholds: np.ndarray  # [8] float32
   tables: np.ndarray      # [3, 16] float32: slope, offset, last per segment (9 used)
-  octaves: np.ndarray     # [2, 256] float32: below, threshold per exponent byte
 
 
 @functools.lru_cache(maxsize=2)
@@ -101,26 +95,8 @@ def code_segments(*, signed: bool) -> CodeSegments:
     last[i + 1] = parts - 1
     first = segment_first_index(i + 1, signed=signed)
     thresholds.append(mids[first + parts - 1])  # to the next decade's first code (or to 1.0)
-  thresholds = np.asarray(thresholds, np.float32)
-  # Octave e holds [2^(e-127), 2^(e-126)); e = 0 also holds zero and the subnormals, e = 255
-  # infinities (and NaNs, which the comparisons would put in segment 0).
-  lo = np.concatenate([[0.0], 2.0 ** (np.arange(1, 256) - 127.0)])
-  hi = 2.0 ** (np.arange(256) - 126.0)
-  below = np.sum(thresholds[None, :] < lo[:, None], axis=1)
-  inside = (thresholds[None, :] >= lo[:, None]) & (thresholds[None, :] < hi[:, None])
-  assert inside.sum(axis=1).max() == 1, 'two thresholds within one octave'
-  threshold = np.where(inside.any(axis=1), np.max(np.where(inside, thresholds, 0.0), axis=1),
-                       np.inf)
-  return CodeSegments(thresholds, np.stack([slope, offset, last]).astype(np.float32),
-                      np.stack([below, threshold]).astype(np.float32))
-
-
-def lookup_rows(*, signed: bool) -> tuple[np.ndarray, ...]:
-  """The tables `nearest_code_index` reads through its `lookup`: row k of the result is its
-  `lookup(k, i)` (0 slope, 1 offset, 2 last: by segment, 16 entries; 3 below, 4 threshold: by
-  float32 exponent byte, 256 entries)."""
-  segments = code_segments(signed=signed)
-  return (*segments.tables, *segments.octaves)
+  return CodeSegments(np.asarray(thresholds, np.float32),
+                      np.stack([slope, offset, last]).astype(np.float32))
 
 
 def segment_first_index(s, *, signed: bool):
@@ -156,9 +132,9 @@ def nearest_code_index(normed: jax.Array, *, signed: bool, lookup=None) -> jax.A
   """
   segments = code_segments(signed=signed)
   a = jnp.abs(normed) if signed else normed
+  above = [a > t for t in segments.thresholds]
+  s = sum(x.astype(jnp.int32) for x in above)
   if lookup is None:
-    above = [a > t for t in segments.thresholds]
-    s = sum(x.astype(jnp.int32) for x in above)
     consts = []
     for row in segments.tables:
       c = jnp.float32(row[0])
@@ -167,9 +143,6 @@ def nearest_code_index(normed: jax.Array, *, signed: bool, lookup=None) -> jax.A
       consts.append(c)
     slope, offset, last = consts
   else:
-    octave = jax.lax.shift_right_logical(jax.lax.bitcast_convert_type(a, jnp.int32),
-                                         jnp.int32(23)) & 0xFF  # the exponent byte
-    s = lookup(3, octave).astype(jnp.int32) + (a > lookup(4, octave)).astype(jnp.int32)
     slope, offset, last = (lookup(k, s) for k in range(3))
   index = (segment_first_index(s, signed=signed)
            + jnp.minimum(jnp.floor(a * slope + offset), last).astype(jnp.int32))
