@@ -76,6 +76,9 @@ declare -A V=(
   [9b_lora_fsdp2]="$L9B $B16"
   [9b_lora_fsdp2_overlap]="$L9B $B16"
   [9b_full_fsdp2_overlap]="$F9S $B16"
+  # 9B full SFT as configured since 2026-12-01 (unrolled, remat_after_cotangent) at fsdp=2, with
+  # the overlap flags (9b_full_fsdp2_overlap keeps the scanned config it was measured with).
+  [9b_full_unrolled_fsdp2_overlap]="$F9B $B16"
   [2b_full_fsdp2_nccl_simple]="$G2B $B16"
   [2b_full_data2]="$G2B --config.train.batch_size=16 --config.mesh.data=2 --config.mesh.fsdp=1"
   [2b_full_data2_overlap]="$G2B --config.train.batch_size=16 --config.mesh.data=2 --config.mesh.fsdp=1"
@@ -125,6 +128,7 @@ declare -A FLAGS=(
   [2b_full_fsdp2_overlap]="$OVERLAP"
   [9b_lora_fsdp2_overlap]="$OVERLAP"
   [9b_full_fsdp2_overlap]="$OVERLAP"
+  [9b_full_unrolled_fsdp2_overlap]="$OVERLAP"
   [2b_full_data2_overlap]="$OVERLAP"
   [2b_full_overlap]="$OVERLAP"
   [9b_lora_overlap]="$OVERLAP"
