@@ -125,9 +125,10 @@ def buffers(insts: list[Instruction]) -> tuple[dict, dict, dict]:
     size[key], owner[key] = nbytes(shape), inst
     return frozenset((key,))
 
+  get = lambda name: _get(value, name)  # noqa: E731
+
   for inst in insts:
     parts = elements(inst.shape)
-    get = lambda name: _get(value, name)  # noqa: E731
     if inst.opcode == 'tuple':
       for i, o in enumerate(inst.operands):
         value[f'{inst.name}#{i}'] = get(o)

@@ -19,6 +19,7 @@ F9B="--config=configs/gemma2.py:size=9b,method=full"
 F9S="$F9B --config.model.scan_layers=true --config.model.remat_prevent_cse=true \
  --config.model.remat_after_cotangent=false --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,gate_proj"
 UNROLLED="--config.model.scan_layers=false"
+SAVE7="save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every projection's output (remat save:NAME,...)
 # Collective overlap for FSDP: the latency-hiding scheduler, collectives of the next scanned layer
 # started inside the previous iteration, and larger combined collectives.
 OVERLAP="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_highest_priority_async_stream=true \
@@ -52,12 +53,12 @@ declare -A V=(
   # with the policy 9B full SFT had scanned (up_proj recomputed) or saving all seven projections
   # (since 2026-12-01 the 9B full default, which 9b_full runs).
   [9b_full_unrolled_after_cotangent]="$F9S $B8 $UNROLLED --config.model.remat_after_cotangent=true"
-  [9b_full_unrolled_after_cotangent_save_projections]="$F9S $B8 $UNROLLED --config.model.remat_after_cotangent=true --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+  [9b_full_unrolled_after_cotangent_save_projections]="$F9S $B8 $UNROLLED --config.model.remat_after_cotangent=true --config.model.remat=$SAVE7"
   # Unrolled 9B full SFT with remat_after_cotangent and all seven projections saved, keeping
   # attention's output and log-sum-exp too (the default since the side-by-side call final15) or
   # not (the default before it).
-  [9b_full_save_attention_after_cotangent]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,attention"
-  [9b_full_save_projections_after_cotangent]="$F9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+  [9b_full_save_attention_after_cotangent]="$F9B $B8 --config.model.remat=$SAVE7,attention"
+  [9b_full_save_projections_after_cotangent]="$F9B $B8 --config.model.remat=$SAVE7"
   # Unrolled 9B full SFT without the barriers, XLA's scheduler told to aim at less memory
   # (xla_gpu_memory_limit_slop_factor: percent of the device's memory left after the arguments).
   [9b_full_unrolled_nocse_slop30]="$F9S $B8 $UNROLLED --config.model.remat_prevent_cse=false"
@@ -67,9 +68,9 @@ declare -A V=(
   [9b_lora_einsum]="$L9B $B8 --config.model.attention=einsum"
   [9b_full_einsum]="$F9S $B8 --config.model.attention=einsum --breakdown"
   # Attention's output (and the flash kernels' log-sum-exp) kept for the backward pass.
-  [9b_lora_save_attention]="$L9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,attention"
-  [2b_full_save_projections]="$G2B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-  [2b_full_save_attention]="$G2B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,attention"
+  [9b_lora_save_attention]="$L9B $B8 --config.model.remat=$SAVE7,attention"
+  [2b_full_save_projections]="$G2B $B8 --config.model.remat=$SAVE7"
+  [2b_full_save_attention]="$G2B $B8 --config.model.remat=$SAVE7,attention"
   [9b_full_save_attention]="$F9S $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,gate_proj,attention"
   [2b_full_fsdp2]="$G2B $B16"
   [2b_full_fsdp2_overlap]="$G2B $B16"
@@ -96,7 +97,7 @@ declare -A V=(
   [9b_full_save_up]="$F9S $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,down_proj,up_proj --breakdown"
   # LoRA saving each projection's output (base + adapter) by name, not every dot ('dots' keeps
   # the base matmul's and the adapter's outputs apart: twice the memory).
-  [9b_lora_save_projections]="$L9B $B8 --config.model.remat=save:q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --breakdown"
+  [9b_lora_save_projections]="$L9B $B8 --config.model.remat=$SAVE7 --breakdown"
   [9b_lora_dots]="$L9B $B8 --config.model.remat=dots --breakdown"
   [2b_lora]="--config=configs/gemma2.py:size=2b,method=lora $B8"
   [2b_lora_dots]="--config=configs/gemma2.py:size=2b,method=lora $B8 --config.model.remat=dots"

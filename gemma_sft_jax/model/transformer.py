@@ -281,6 +281,11 @@ class Transformer(nn.Module):
       return x
     return jax.lax.with_sharding_constraint(x, self.activation_sharding)
 
+  @property
+  def _holds_layers(self) -> bool:
+    """Whether each unrolled layer's backward pass is held in its place (in training)."""
+    return self.remat != 'none' and self.remat_after_cotangent and not self.scan_layers
+
   def setup(self):
     c = self.config
     self.embedder = nn.Embed(c.vocab_size, c.embed_dim, dtype=self.dtype,
@@ -291,7 +296,7 @@ class Transformer(nn.Module):
     if self.remat != 'none':
       block = nn.remat(Block, policy=remat_lib.remat_policy(self.remat), static_argnums=(5,),
                        prevent_cse=(self.remat_prevent_cse and not self.scan_layers
-                                    and not self.remat_after_cotangent))
+                                    and not self._holds_layers))
 
     def ranks(i):
       return ({p: self.lora.rank_for(f'layer_{i}/attn/{p}/kernel')
@@ -364,7 +369,7 @@ class Transformer(nn.Module):
         layer_cache = cache[f'layer_{i}'] if cache is not None else None
         layer_shared = shared[f'layer_{i}'] if shared is not None else None
         args = (x, (None, layer_cache, layer_shared), positions, segment_ids)
-        if self.remat != 'none' and self.remat_after_cotangent and cache is None:
+        if self._holds_layers and cache is None:  # training
           x, c = remat_lib.recompute_after_cotangent(layer, deterministic, *args)
         else:
           x, c = layer(*args, deterministic)
